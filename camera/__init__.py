@@ -1,0 +1,1 @@
+"""LineGuard camera stage."""

@@ -1,0 +1,1 @@
+"""LineGuard compress stage."""

@@ -1,0 +1,1 @@
+"""LineGuard deploy stage."""

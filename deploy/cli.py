@@ -1,0 +1,7 @@
+"""deploy subcommands."""
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register deploy subcommands."""

@@ -1,0 +1,1 @@
+"""LineGuard runtime stage."""

@@ -1,0 +1,130 @@
+"""The model artifact contract (DESIGN.md): `model.json` schema, shared by compress and runtime.
+
+compress writes it last (an artifact without it is incomplete by definition); runtime reads and
+checks it before loading any graph. Kept free of torch and of any inference library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lineguard.runtime.errors import LineGuardError
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(_Strict):
+    name: str = Field(title="Tensor name in the graph")
+    shape: list[int | str] = Field(title="Shape; a string marks a dynamic axis")
+    dtype: str = Field(title="Element type, e.g. uint8, float32")
+
+
+class GraphSpec(_Strict):
+    inputs: list[TensorSpec] = Field(title="Graph inputs in order")
+    outputs: list[TensorSpec] = Field(title="Graph outputs in order")
+    files: dict[str, str] = Field(
+        title="Files per format",
+        description="format -> file name, e.g. {'onnx': 'detector.onnx', 'openvino': 'detector.xml'}",
+    )
+
+
+class Normalization(_Strict):
+    """normalized = (raw - center) / scale, measured on NORMAL validation images only."""
+
+    center: float = Field(title="Raw value mapped to 0 (median of normal validation scores)")
+    scale: float = Field(gt=0, title="Raw spread mapped to 1 (p99 minus median on normal validation)")
+
+
+class ScoreNormalization(_Strict):
+    image: Normalization = Field(title="Image score normalisation")
+    pixel: Normalization = Field(title="Pixel map normalisation")
+    source: str = Field(title="What the statistics were measured on (never test images)")
+    count: int = Field(ge=1, title="Number of normal validation images used")
+
+
+class Thresholds(_Strict):
+    image: float = Field(title="Default image threshold, in normalised units")
+    pixel: float = Field(title="Default pixel threshold, in normalised units")
+
+
+class Precision(_Strict):
+    """One compiled variant (fp32 or int8) and what it measured against the reference."""
+
+    files: dict[str, str] = Field(title="graph name -> file for this precision")
+    parity: dict[str, float] = Field(default_factory=dict, title="Parity figures vs PyTorch/FP32")
+    accuracy: dict[str, float] = Field(default_factory=dict, title="Accuracy figures (fractions)")
+
+
+class ModelCard(_Strict):
+    """Contents of `model.json`."""
+
+    format_version: int = Field(FORMAT_VERSION, title="model.json format version")
+    name: str = Field(title="Human-readable model name")
+    created: str = Field(title="ISO-8601 creation time (UTC)")
+    input_size: list[int] = Field(title="[height, width] the graphs take")
+    color_order: Literal["RGB", "BGR"] = Field("RGB", title="Channel order of the uint8 input")
+    resize: str = Field("bilinear-antialias", title="How a frame is resized to input_size")
+    layout: Literal["NHWC"] = Field("NHWC", title="Input layout of the uint8 image tensor")
+    backbone: str = Field(title="timm backbone name")
+    recipe: dict = Field(default_factory=dict, title="Training recipe (full training config)")
+    classes: list[str] = Field(title="Classes (products) the model was trained on")
+    prompt_encoder: GraphSpec = Field(title="image -> prompt tokens")
+    detector: GraphSpec = Field(title="image + prompt tokens -> anomaly map + image score")
+    score_normalization: ScoreNormalization = Field(title="Score normalisation (normal images)")
+    thresholds: Thresholds = Field(title="Default thresholds (normalised units)")
+    precisions: dict[str, Precision] = Field(
+        default_factory=dict, title="Available precisions: 'fp32', 'int8'"
+    )
+    checkpoint_sha256: str = Field("", title="sha256 of the training checkpoint")
+    sha256: dict[str, str] = Field(title="sha256 of every other file in the artifact")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_card(artifact_dir: str | Path, verify: bool = True) -> ModelCard:
+    """Read and validate `model.json`; with `verify`, check every listed file's sha256."""
+    root = Path(artifact_dir)
+    path = root / MODEL_JSON
+    if not path.is_file():
+        raise LineGuardError(f"{root}: not a model artifact (no {MODEL_JSON}; incomplete export?)")
+    try:
+        card = ModelCard.model_validate(json.loads(path.read_text()))
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise LineGuardError(f"{path}: invalid model card: {exc}") from exc
+    if card.format_version != FORMAT_VERSION:
+        raise LineGuardError(
+            f"{path}: format_version {card.format_version}, this runtime reads {FORMAT_VERSION}"
+        )
+    if verify:
+        for name, digest in card.sha256.items():
+            f = root / name
+            if not f.is_file():
+                raise LineGuardError(f"{root}: file {name} listed in model.json is missing")
+            if sha256_file(f) != digest:
+                raise LineGuardError(f"{root}: {name} does not match its sha256 in model.json")
+    return card
+
+
+def write_card(artifact_dir: str | Path, card: ModelCard) -> Path:
+    """Write `model.json` atomically (temp file + rename): it is the artifact's commit marker."""
+    root = Path(artifact_dir)
+    tmp = root / (MODEL_JSON + ".tmp")
+    tmp.write_text(card.model_dump_json(indent=2))
+    tmp.replace(root / MODEL_JSON)
+    return root / MODEL_JSON

@@ -1,0 +1,7 @@
+"""train subcommands."""
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register train subcommands."""
