@@ -103,6 +103,13 @@ class PromptConfig(_Strict):
         title="sha256 of the image file; when given, a different file is refused",
     )
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha_is_text(cls, v: object) -> object:
+        if isinstance(v, int | float):
+            raise ValueError("sha256 was read as a number: quote it in YAML")
+        return v
+
     @field_validator("image")
     @classmethod
     def _image_exists(cls, v: Path, info: ValidationInfo) -> Path:
