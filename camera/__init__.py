@@ -1,1 +1,19 @@
-"""LineGuard camera stage."""
+"""LineGuard camera stage: frame sources, a reconnecting reader with a `lost` state, `Frame`."""
+
+from lineguard.camera.factory import KINDS, open_camera, open_source
+from lineguard.camera.frame import Frame, to_rgb_u8
+from lineguard.camera.reader import Camera
+from lineguard.camera.sources import CameraError, FolderSource, FrameSource, OpenCVSource
+
+__all__ = [
+    "KINDS",
+    "Camera",
+    "CameraError",
+    "FolderSource",
+    "Frame",
+    "FrameSource",
+    "OpenCVSource",
+    "open_camera",
+    "open_source",
+    "to_rgb_u8",
+]
