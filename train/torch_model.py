@@ -1,0 +1,362 @@
+"""OneNIP as a pure, export-safe ``nn.Module`` (post-fix "v2" decoder, spec §4, §6, §8).
+
+A frozen CNN gives multi-scale features; a transformer reconstructs the query's features while a
+bidirectional decoder lets them talk to ONE normal prompt image; a small refiner sharpens the
+error map. Training glue (optimizer, synthesis, data) lives elsewhere: this file only has what
+the exported graphs and the loss need. Entry points:
+
+* ``encode_prompt(images)`` -> prompt tokens (independent of any query: computed once per station),
+* ``detect(images, prompt_tokens)`` -> (anomaly map, image score),
+* ``forward_train(...)`` -> everything the losses need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lineguard.train.backbone import NECK_STRIDE, FrozenBackbone, neck
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+
+class OneNIPConfig(BaseModel):
+    """Architecture of one OneNIP model (saved in checkpoints and model cards)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = Field("tf_efficientnet_lite2", title="timm backbone name")
+    weights: Path | None = Field(
+        None, title="local backbone weights file (.pth/.safetensors); None = packaged weights"
+    )
+    input_size: int = Field(224, ge=32, title="square input size in pixels (multiple of 16)")
+    hidden_dim: int = Field(256, ge=8, title="transformer width D")
+    nhead: int = Field(8, ge=1, title="attention heads")
+    dim_feedforward: int = Field(1024, ge=8, title="FFN / MLP hidden width")
+    num_encoder_layers: int = Field(4, ge=1, title="encoder layers")
+    num_decoder_layers: int = Field(4, ge=1, title="bidirectional decoder layers")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, title="dropout (attention, residual)")
+    jitter_scale: float = Field(20.0, ge=0.0, title="feature jitter scale (training only)")
+    jitter_prob: float = Field(1.0, ge=0.0, le=1.0, title="probability of jittering a batch")
+    neighbor_size: int | None = Field(
+        None, ge=1, title="neighbour mask size; window half-width is neighbor_size//2"
+    )
+    refiner_channels: int = Field(128, ge=1, title="refiner width")
+    fusion_alpha: float = Field(0.5, ge=0.0, le=1.0, title="weight of the refiner map in fusion")
+    score_pool: int = Field(16, ge=1, title="average-pool size before the image-score max")
+
+    @model_validator(mode="after")
+    def _check(self) -> OneNIPConfig:
+        if self.input_size % NECK_STRIDE:
+            raise ValueError(f"input_size {self.input_size} must be a multiple of {NECK_STRIDE}")
+        if self.hidden_dim % self.nhead or self.hidden_dim % 2:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be even and divisible by nhead")
+        grid = self.input_size // NECK_STRIDE
+        if self.neighbor_size is None:
+            self.neighbor_size = max(1, grid // 2)  # spec §4.1: feature_size // 2
+        if min(2 * (self.neighbor_size // 2) + 1, grid) ** 2 >= grid * grid:
+            raise ValueError(
+                f"neighbor_size {self.neighbor_size} hides the whole {grid}x{grid} token grid"
+            )
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // NECK_STRIDE
+
+
+def neighbor_mask(h: int, w: int, k: int) -> torch.Tensor:
+    """Additive (h·w)×(h·w) mask: -inf where the key lies in the query's (2k+1)² window.
+
+    The window includes the token itself (UniAD neighbour-masked attention), clipped at borders.
+    """
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    near = ((ys[:, None] - ys[None, :]).abs() <= k) & ((xs[:, None] - xs[None, :]).abs() <= k)
+    mask = torch.zeros(h * w, h * w)
+    mask[near] = float("-inf")
+    return mask
+
+
+def feature_jitter(tokens: torch.Tensor, scale: float) -> torch.Tensor:
+    """UniAD jitter: f + ε·‖f‖₂/C·scale, ε ~ N(0, I), per token (last dim = C)."""
+    c = tokens.shape[-1]
+    norm = tokens.norm(dim=-1, keepdim=True) / c
+    return tokens + torch.randn_like(tokens) * norm * scale
+
+
+class EncoderLayer(nn.Module):
+    """DETR post-norm encoder layer; positions on q and k only."""
+
+    def __init__(self, d: int, nhead: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d, ff)
+        self.linear2 = nn.Linear(ff, d)
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = s + pos
+        a = self.self_attn(q, q, s, attn_mask=mask, need_weights=False)[0]
+        s = self.norm1(s + self.dropout1(a))
+        f = self.linear2(self.dropout(F.relu(self.linear1(s))))
+        return self.norm2(s + self.dropout2(f))
+
+
+class DecoderLayer(nn.Module):
+    """Bidirectional layer (post-fix): prompt attends to image, MLP, image attends to prompt."""
+
+    def __init__(self, d: int, nhead: int, ff: int, dropout: float) -> None:
+        super().__init__()
+        self.cross_attn_prompt_to_image = nn.MultiheadAttention(
+            d, nhead, dropout=dropout, batch_first=True
+        )
+        self.mlp = nn.Sequential(nn.Linear(d, ff), nn.ReLU(), nn.Linear(ff, d))
+        self.cross_attn_image_to_prompt = nn.MultiheadAttention(
+            d, nhead, dropout=dropout, batch_first=True
+        )
+        self.norm1 = nn.LayerNorm(d)
+        self.norm2 = nn.LayerNorm(d)
+        self.norm3 = nn.LayerNorm(d)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+    def forward(
+        self, p: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.cross_attn_prompt_to_image(p + pos, x + pos, x, attn_mask=mask, need_weights=False)
+        p = self.norm1(p + self.dropout1(a[0]))
+        p = self.norm2(p + self.dropout2(self.mlp(p)))
+        b = self.cross_attn_image_to_prompt(x + pos, p + pos, p, attn_mask=mask, need_weights=False)
+        x = self.norm3(x + self.dropout3(b[0]))
+        return p, x
+
+
+class Refiner(nn.Module):
+    """|F̂ − F| (C ch, h×w) -> logit at 4h×4w: [conv3 -> BN -> ReLU -> ConvT×2] ×2 -> 1×1."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(2):
+            layers += [
+                nn.Conv2d(c, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.ConvTranspose2d(width, width, 2, stride=2),
+            ]
+            c = width
+        self.blocks = nn.Sequential(*layers)
+        self.predict = nn.Conv2d(width, 1, 1)
+
+    def forward(self, err: torch.Tensor) -> torch.Tensor:
+        return self.predict(self.blocks(err))
+
+
+class OneNIP(nn.Module):
+    """OneNIP: frozen backbone + neck + reconstruction transformer + refiner.
+
+    Inputs are float ``B×3×H×W`` RGB in [0, 1]; normalisation is inside (buffers), so exported
+    graphs carry it. ``pretrained=False`` skips reading backbone weights (use it before
+    ``load_state_dict`` of a checkpoint, which holds the backbone too).
+    """
+
+    def __init__(self, cfg: OneNIPConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = FrozenBackbone(cfg.backbone, cfg.weights, pretrained=pretrained)
+        self.register_buffer("mean", torch.tensor(self.backbone.mean).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(self.backbone.std).view(1, 3, 1, 1), False)
+        c = sum(self.backbone.channels)
+        d, h = cfg.hidden_dim, cfg.grid
+        self.feat_channels, self.grid = c, h
+        self.input_proj = nn.Linear(c, d)
+        self.output_proj = nn.Linear(d, c)
+        self.encoder = nn.ModuleList(
+            EncoderLayer(d, cfg.nhead, cfg.dim_feedforward, cfg.dropout)
+            for _ in range(cfg.num_encoder_layers)
+        )
+        self.decoder = nn.ModuleList(
+            DecoderLayer(d, cfg.nhead, cfg.dim_feedforward, cfg.dropout)
+            for _ in range(cfg.num_decoder_layers)
+        )
+        self.final_attn = nn.MultiheadAttention(d, cfg.nhead, dropout=cfg.dropout, batch_first=True)
+        self.final_dropout = nn.Dropout(cfg.dropout)
+        self.decoder_norm = nn.LayerNorm(d)
+        self.refiner = Refiner(c, cfg.refiner_channels)
+        self.row_embed = nn.Embedding(h, d // 2)
+        self.col_embed = nn.Embedding(h, d // 2)
+        assert cfg.neighbor_size is not None
+        self.register_buffer("attn_mask", neighbor_mask(h, h, cfg.neighbor_size // 2), False)
+        # c in (1-α)·S_rec + α·c·M̂; set by the trainer from NORMAL validation images.
+        self.register_buffer("fusion_scale", torch.tensor(1.0))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """xavier_uniform on every conv/linear of the head, zero bias; embeddings U[0, 1)."""
+        for name, m in self.named_modules():
+            if name.startswith("backbone"):
+                continue
+            if isinstance(m, nn.Conv2d | nn.Linear | nn.ConvTranspose2d):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    # ---------------------------------------------------------------- building blocks
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen backbone + neck: ``B×C×h×w`` (deterministic, so it can be cached)."""
+        x = (images - self.mean) / self.std
+        return neck(self.backbone(x), (self.grid, self.grid))
+
+    def pos_embed(self) -> torch.Tensor:
+        """Learned 2-D embedding, ``1×(h·w)×D``: first half column (x), second half row (y)."""
+        h = self.grid
+        col = self.col_embed.weight.unsqueeze(0).expand(h, h, -1)
+        row = self.row_embed.weight.unsqueeze(1).expand(h, h, -1)
+        return torch.cat([col, row], dim=-1).reshape(1, h * h, -1)
+
+    def tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """``B×C×h×w`` -> raw tokens ``B×(h·w)×C``, row-major."""
+        return feats.flatten(2).transpose(1, 2)
+
+    def jitter(self, raw: torch.Tensor) -> torch.Tensor:
+        """Feature jitter on raw tokens, in training mode only."""
+        cfg = self.cfg
+        if not self.training or cfg.jitter_scale <= 0 or cfg.jitter_prob <= 0:
+            return raw
+        if cfg.jitter_prob < 1.0 and torch.rand(()).item() >= cfg.jitter_prob:
+            return raw
+        return feature_jitter(raw, cfg.jitter_scale)
+
+    def encode(self, raw: torch.Tensor) -> torch.Tensor:
+        """input_proj + masked encoder on raw tokens ``B×N×C`` -> ``B×N×D``."""
+        s, pos = self.input_proj(raw), self.pos_embed()
+        for layer in self.encoder:
+            s = layer(s, pos, self.attn_mask)
+        return s
+
+    def reconstruct(self, query: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """Decoder + final cross-attention: encoded query/prompt tokens -> ``B×C×h×w``."""
+        pos = self.pos_embed()
+        p, x = prompt.expand(query.shape[0], -1, -1), query
+        for layer in self.decoder:
+            p, x = layer(p, x, pos, self.attn_mask)
+        a = self.final_attn(p + pos, x + pos, x, need_weights=False)[0]
+        out = self.output_proj(self.decoder_norm(p + self.final_dropout(a)))
+        h = self.grid
+        return out.transpose(1, 2).reshape(out.shape[0], -1, h, h)
+
+    def refine_logit(self, err: torch.Tensor) -> torch.Tensor:
+        """Refiner logit at full input resolution from the C-channel error."""
+        logit = self.refiner(err)
+        size = (self.cfg.input_size, self.cfg.input_size)
+        return F.interpolate(logit, size=size, mode="bilinear", align_corners=True)
+
+    def rec_map(self, rec: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """S_rec: channel-L2 error upsampled to the input (align_corners=True)."""
+        s = torch.sqrt(((rec - feats) ** 2).sum(dim=1, keepdim=True))
+        size = (self.cfg.input_size, self.cfg.input_size)
+        return F.interpolate(s, size=size, mode="bilinear", align_corners=True)
+
+    # ---------------------------------------------------------------- entry points
+    def encode_prompt(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompt images ``B×3×H×W`` -> encoder tokens ``B×(h·w)×D`` (no query involved)."""
+        return self.encode(self.jitter(self.tokens(self.features(images))))
+
+    def detect_parts(
+        self, images: torch.Tensor, prompt_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S_rec, M̂), each ``B×1×H×W``; the trainer measures ``fusion_scale`` from these."""
+        feats = self.features(images)
+        rec = self.reconstruct(self.encode(self.tokens(feats)), prompt_tokens)
+        m_hat = torch.sigmoid(self.refine_logit((rec - feats).abs()))
+        return self.rec_map(rec, feats), m_hat
+
+    def detect(
+        self, images: torch.Tensor, prompt_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(anomaly_map ``B×1×H×W``, image_score ``B``) against encoded prompt tokens.
+
+        ``prompt_tokens`` is ``B×N×D`` or ``1×N×D`` (one golden sample for the whole batch).
+        """
+        s_rec, m_hat = self.detect_parts(images, prompt_tokens)
+        alpha = self.cfg.fusion_alpha
+        amap = (1.0 - alpha) * s_rec + alpha * self.fusion_scale * m_hat
+        return amap, self.image_score(amap)
+
+    def image_score(self, amap: torch.Tensor) -> torch.Tensor:
+        """Max of the ``score_pool``² average-pooled map (stride 1, no padding)."""
+        k = min(self.cfg.score_pool, amap.shape[-2], amap.shape[-1])
+        return F.avg_pool2d(amap, k, stride=1).amax(dim=(1, 2, 3))
+
+    def forward_train(
+        self,
+        image: torch.Tensor | None = None,
+        synthetic: torch.Tensor | None = None,
+        prompt: torch.Tensor | None = None,
+        *,
+        image_feats: torch.Tensor | None = None,
+        synthetic_feats: torch.Tensor | None = None,
+        prompt_feats: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Training pass on normal ``image``, its ``synthetic`` defect copy and a ``prompt``.
+
+        Any ``*_feats`` (from :meth:`features`, e.g. cached) replaces the matching image. The
+        prompt is encoded once and shared by both halves; jitter touches raw tokens only, targets
+        stay clean. Returns ``rec_feat``, ``target_feat``, ``query_feat`` (``2B×C×h×w``) and
+        ``ref_logit`` (``2B×1×H×W``).
+        """
+        f_n, f_a, f_p = self._train_feats(
+            [
+                (image, image_feats, "image"),
+                (synthetic, synthetic_feats, "synthetic"),
+                (prompt, prompt_feats, "prompt"),
+            ]
+        )
+        query = torch.cat([f_n, f_a], dim=0)
+        n = query.shape[0]
+        raw = self.jitter(self.tokens(torch.cat([query, f_p], dim=0)))
+        enc = self.encode(raw)
+        q_tok, p_tok = enc[:n], enc[n:]
+        if p_tok.shape[0] != 1:
+            p_tok = p_tok.repeat(2, 1, 1)
+        rec = self.reconstruct(q_tok, p_tok)
+        return {
+            "rec_feat": rec,
+            "target_feat": torch.cat([f_n, f_n], dim=0),
+            "query_feat": query,
+            "ref_logit": self.refine_logit((rec - query).abs()),
+        }
+
+    def _train_feats(
+        self, items: list[tuple[torch.Tensor | None, torch.Tensor | None, str]]
+    ) -> list[torch.Tensor]:
+        """Features for each (images, cached feats, name); missing ones in ONE backbone pass."""
+        for imgs, feats, what in items:
+            if feats is None and imgs is None:
+                raise ValueError(f"forward_train needs {what} or {what}_feats")
+        todo = [imgs for imgs, feats, _ in items if feats is None]
+        computed: list[torch.Tensor] = []
+        if todo:
+            with torch.no_grad():
+                computed = list(self.features(torch.cat(todo)).split([t.shape[0] for t in todo]))
+        return [feats if feats is not None else computed.pop(0) for _, feats, _ in items]
+
+    def forward(
+        self, images: torch.Tensor, prompt_tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.detect(images, prompt_tokens)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
