@@ -262,6 +262,8 @@ class BrokerConfig(_Strict):
     client_id: str | None = Field(
         None, title="MQTT client id, unique per edge PC (None = 'lineguard-<edge_id>')"
     )
+    reconnect_min_s: int = Field(1, ge=1, title="First reconnect delay, seconds (doubles)")
+    reconnect_max_s: int = Field(30, ge=1, title="Largest reconnect delay, seconds")
 
     @model_validator(mode="after")
     def _credentials(self) -> BrokerConfig:
@@ -270,6 +272,8 @@ class BrokerConfig(_Strict):
         has_password = self.password_file is not None or self.password_env is not None
         if has_password and not self.username:
             raise ValueError("a password needs a username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
 
     def password(self) -> SecretStr | None:
