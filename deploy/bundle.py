@@ -1,0 +1,421 @@
+"""Build, verify and unpack bundles: one tar.gz with `manifest.json`, the model artifact, station
+configs, their prompt images and optionally the site config.
+
+Layout inside the archive (and of `releases/<version>/` after install):
+
+    manifest.json            versions, model summary, sha256 + size of every other file
+    manifest.sig             optional ed25519 signature over manifest.json's exact bytes
+    model/...                the model artifact (model.json + graphs)
+    stations/<name>.yaml     station configs, paths rewritten relative to the bundle
+    prompts/<station>/...    images the station configs refer to (prompts, masks)
+    site.yaml                optional site config
+
+Verification reads the archive member by member and never trusts it: only regular files and
+folders, no absolute paths, no `..`, no duplicates, nothing the manifest does not list, every size
+and sha256 as listed. Unpacking writes each file itself (no `extractall`) and checks every hash
+again while writing, so a bundle swapped between verify and unpack cannot slip through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from lineguard.deploy import configs, signing
+from lineguard.deploy.manifest import (
+    MANIFEST,
+    MODEL_DIR,
+    PROMPTS_DIR,
+    SIGNATURE,
+    SITE_FILE,
+    STATIONS_DIR,
+    VERSION_RE,
+    Manifest,
+    StationEntry,
+    check_version,
+    file_entry,
+    model_summary,
+    parse_manifest,
+    runtime_versions,
+    utc_now,
+)
+from lineguard.runtime.artifact import MODEL_JSON, load_card, sha256_file
+from lineguard.runtime.errors import LineGuardError
+
+CHUNK = 1 << 20
+MAX_MANIFEST = 16 << 20
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+# ---- build ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    manifest: Manifest
+    sha256: str
+    signed: bool
+
+
+def _copy_tree_files(src: Path, dst: Path) -> None:
+    for f in sorted(src.rglob("*")):
+        if f.is_dir():
+            continue
+        if not f.is_file():
+            raise LineGuardError(f"{f}: not a regular file (the artifact may hold only files)")
+        if f.name.endswith(".tmp"):
+            continue
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, target)
+
+
+def _station_files(stations: Path) -> list[Path]:
+    if stations.is_file():
+        return [stations]
+    if not stations.is_dir():
+        raise LineGuardError(f"{stations}: no such station config file or folder")
+    files = sorted(p for p in stations.iterdir() if p.suffix in configs.YAML_SUFFIXES)
+    if not files:
+        raise LineGuardError(f"{stations}: no station configs (*.yaml) found")
+    return files
+
+
+def _stage_station(
+    src: Path, stage: Path, artifact: Path, used: dict[str, str]
+) -> tuple[StationEntry, str]:
+    """Copy one station config and its images into `stage`, rewriting paths to bundle paths."""
+    data = configs.read_yaml(src)
+    if not isinstance(data, dict):
+        raise LineGuardError(f"{src}: a station config must be a mapping")
+    sid = configs.station_id(data, src)
+    if not VERSION_RE.match(sid):
+        raise LineGuardError(f"{src}: station id {sid!r} cannot be used as a folder name")
+    if sid in used:
+        raise LineGuardError(f"{src}: station id {sid!r} already used by {used[sid]}")
+    used[sid] = str(src)
+    prompts: list[str] = []
+    taken: dict[str, Path] = {}
+    for ref in configs.image_refs(data, src.parent):
+        name = ref.target.name
+        n = 1
+        while name in taken and taken[name] != ref.target:
+            name = f"{ref.target.stem}-{n}{ref.target.suffix}"
+            n += 1
+        taken[name] = ref.target
+        rel = f"{PROMPTS_DIR}/{sid}/{name}"
+        if rel not in prompts:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ref.target, stage / rel)
+            prompts.append(rel)
+        configs.set_key(data, ref.key, f"../{rel}")
+    for ref in configs.artifact_refs(data, src.parent):
+        if ref.target != artifact:
+            dotted = ".".join(map(str, ref.key))
+            raise LineGuardError(
+                f"{src}: {dotted} names model artifact {ref.target}, but the bundle carries "
+                f"{artifact}: one bundle holds one model"
+            )
+        configs.set_key(data, ref.key, f"../{MODEL_DIR}")
+    rel_cfg = f"{STATIONS_DIR}/{src.name}"
+    (stage / rel_cfg).parent.mkdir(parents=True, exist_ok=True)
+    (stage / rel_cfg).write_bytes(configs.dump_yaml(data))
+    return StationEntry(id=sid, config=rel_cfg, prompts=prompts), rel_cfg
+
+
+def _stage_site(site: Path, stage: Path, stations: Path, artifact: Path, names: dict) -> None:
+    data = configs.read_yaml(site)
+    if not isinstance(data, dict):
+        raise LineGuardError(f"{site}: a site config must be a mapping")
+    stations_dir = stations.resolve() if stations.is_dir() else stations.resolve().parent
+
+    def accept(p: Path) -> bool:
+        return p == stations_dir or p in names or configs.is_artifact_dir(p)
+
+    for ref in configs.file_refs(data, site.parent, accept):
+        if ref.target == stations_dir:
+            new = STATIONS_DIR
+        elif ref.target in names:
+            new = names[ref.target]
+        elif ref.target == artifact:
+            new = MODEL_DIR
+        else:
+            raise LineGuardError(f"{site}: refers to another model artifact {ref.target}")
+        configs.set_key(data, ref.key, new)
+    (stage / SITE_FILE).write_bytes(configs.dump_yaml(data))
+
+
+def stage_bundle(
+    artifact: Path, stations: Path, version: str, stage: Path, site: Path | None = None
+) -> Manifest:
+    """Lay the bundle out in `stage` and return its (unsigned) manifest."""
+    check_version(version)
+    artifact = artifact.resolve()
+    card = load_card(artifact, verify=True)
+    _copy_tree_files(artifact, stage / MODEL_DIR)
+    used: dict[str, str] = {}
+    entries = []
+    names: dict[Path, str] = {}
+    for src in _station_files(stations):
+        entry, rel = _stage_station(src, stage, artifact, used)
+        entries.append(entry)
+        names[src.resolve()] = rel
+    if site is not None:
+        _stage_site(site, stage, stations, artifact, names)
+    files = {
+        p.relative_to(stage).as_posix(): file_entry(p)
+        for p in sorted(stage.rglob("*"))
+        if p.is_file()
+    }
+    return Manifest(
+        version=version,
+        created=utc_now(),
+        runtime=runtime_versions(),
+        model=model_summary(card, stage / MODEL_DIR),
+        stations=entries,
+        site=SITE_FILE if site is not None else None,
+        files=files,
+    )
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, mtime
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_archive(stage: Path, manifest: Manifest, out: Path, signature: bytes | None) -> str:
+    """Pack `stage` into `out` (temp file + rename) and return the archive's sha256."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    mtime = 0  # reproducible archives: the build time lives in the manifest
+    try:
+        with (
+            os.fdopen(fd, "wb") as raw,
+            tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            _add_bytes(tar, MANIFEST, manifest.to_bytes(), mtime)
+            if signature is not None:
+                _add_bytes(tar, SIGNATURE, signature, mtime)
+            for name in manifest.files:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = manifest.files[name].size, 0o644, mtime
+                with open(stage / name, "rb") as f:
+                    tar.addfile(info, f)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return sha256_file(out)
+
+
+def build_bundle(
+    artifact: Path,
+    stations: Path,
+    version: str,
+    out: Path,
+    site: Path | None = None,
+    sign_key: Path | None = None,
+) -> BuildResult:
+    key = signing.load_private_key(sign_key) if sign_key is not None else None
+    with tempfile.TemporaryDirectory(prefix="lineguard-bundle-") as tmp:
+        stage = Path(tmp)
+        manifest = stage_bundle(Path(artifact), Path(stations), version, stage, site)
+        from lineguard.deploy.health import check_configs
+
+        check_configs(stage, manifest)  # refuse to ship configs the edge would reject
+        sig = signing.sign(manifest.to_bytes(), key) if key is not None else None
+        digest = write_archive(stage, manifest, Path(out), sig)
+    return BuildResult(Path(out), manifest, digest, sig is not None)
+
+
+# ---- verify --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verified:
+    path: Path
+    manifest: Manifest
+    manifest_bytes: bytes
+    sha256: str
+    signed: bool
+    signature_checked: bool
+    key_fingerprint: str | None
+
+
+def safe_member_name(member: tarfile.TarInfo, where: str) -> str:
+    """The member's normalised relative name, or an error for anything that could escape."""
+    name = member.name
+    if not name or "\x00" in name or "\\" in name:
+        raise LineGuardError(f"{where}: refusing archive entry {name!r}: bad characters")
+    p = PurePosixPath(name)
+    if p.is_absolute() or any(part == ".." for part in p.parts):
+        raise LineGuardError(f"{where}: refusing archive entry {name!r}: path leaves the bundle")
+    parts = [part for part in p.parts if part not in ("", ".")]
+    if not parts:
+        raise LineGuardError(f"{where}: refusing archive entry {name!r}: empty path")
+    if member.issym() or member.islnk():
+        raise LineGuardError(
+            f"{where}: refusing archive entry {name!r}: links are not allowed in a bundle"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise LineGuardError(
+            f"{where}: refusing archive entry {name!r}: only regular files and folders are allowed"
+        )
+    return "/".join(parts)
+
+
+def _members(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str]]:
+    where = str(path)
+    seen: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:gz") as tar:
+            for m in tar:
+                name = safe_member_name(m, where)
+                if m.isdir():
+                    continue
+                if name in seen:
+                    raise LineGuardError(f"{where}: archive entry {name!r} appears twice")
+                seen.add(name)
+                yield tar, m, name
+    except LineGuardError:
+        raise
+    except _ARCHIVE_ERRORS as exc:
+        raise LineGuardError(f"{where}: corrupt or truncated bundle archive ({exc})") from exc
+
+
+def _read_small(tar: tarfile.TarFile, m: tarfile.TarInfo, where: str) -> bytes:
+    if m.size > MAX_MANIFEST:
+        raise LineGuardError(f"{where}: {m.name} is implausibly large ({m.size} bytes)")
+    f = tar.extractfile(m)
+    assert f is not None
+    return f.read()
+
+
+def _stream(tar: tarfile.TarFile, m: tarfile.TarInfo, sink=None) -> tuple[str, int]:
+    f = tar.extractfile(m)
+    assert f is not None
+    h, n = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(CHUNK), b""):
+        h.update(chunk)
+        n += len(chunk)
+        if sink is not None:
+            sink.write(chunk)
+    return h.hexdigest(), n
+
+
+def _check_consistency(manifest: Manifest, where: str) -> None:
+    files = manifest.files
+    for name in files:
+        PurePosixPath(name)  # names were normalised by the builder; checked again on unpack
+        if name in (MANIFEST, SIGNATURE):
+            raise LineGuardError(f"{where}: manifest lists {name} as a content file")
+    needed = [f"{MODEL_DIR}/{MODEL_JSON}"]
+    needed += [s.config for s in manifest.stations] + [
+        p for s in manifest.stations for p in s.prompts
+    ]
+    needed += [manifest.site] if manifest.site else []
+    for name in needed:
+        if name not in files:
+            raise LineGuardError(f"{where}: manifest refers to {name} but does not list it")
+    if files[f"{MODEL_DIR}/{MODEL_JSON}"].sha256 != manifest.model.model_json_sha256:
+        raise LineGuardError(f"{where}: model summary does not match model/model.json")
+
+
+def verify_bundle(
+    path: str | Path, pubkey: str | Path | None = None, require_signature: bool = False
+) -> Verified:
+    """Check every size, hash and (with `pubkey`) the signature; LineGuardError on any fault."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise LineGuardError(f"{where}: no such bundle file")
+    manifest_bytes: bytes | None = None
+    signature: bytes | None = None
+    got: dict[str, tuple[str, int]] = {}
+    for tar, m, name in _members(path):
+        if name == MANIFEST:
+            manifest_bytes = _read_small(tar, m, where)
+        elif name == SIGNATURE:
+            signature = _read_small(tar, m, where)
+        else:
+            got[name] = _stream(tar, m)
+    if manifest_bytes is None:
+        raise LineGuardError(f"{where}: not a LineGuard bundle (no manifest.json)")
+    manifest = parse_manifest(manifest_bytes, where)
+    _check_consistency(manifest, where)
+    extra = sorted(set(got) - set(manifest.files))
+    if extra:
+        raise LineGuardError(
+            f"{where}: archive holds files the manifest does not list: {extra[:5]}"
+        )
+    for name, entry in manifest.files.items():
+        if name not in got:
+            raise LineGuardError(f"{where}: {name} is listed in the manifest but missing")
+        digest, size = got[name]
+        if size != entry.size:
+            raise LineGuardError(f"{where}: {name} has {size} bytes, manifest says {entry.size}")
+        if digest != entry.sha256:
+            raise LineGuardError(f"{where}: {name} does not match its sha256 in the manifest")
+    fingerprint = None
+    if pubkey is not None:
+        key = signing.load_public_key(pubkey)
+        fingerprint = signing.key_fingerprint(key)
+        if signature is None:
+            raise LineGuardError(f"{where}: bundle is not signed, but a public key was given")
+        signing.check_signature(manifest_bytes, signature, key, where)
+    elif require_signature:
+        raise LineGuardError(f"{where}: a signature is required: pass --pubkey")
+    return Verified(
+        path=path,
+        manifest=manifest,
+        manifest_bytes=manifest_bytes,
+        sha256=sha256_file(path),
+        signed=signature is not None,
+        signature_checked=pubkey is not None,
+        key_fingerprint=fingerprint,
+    )
+
+
+def extract_verified(verified: Verified, dest: Path) -> None:
+    """Unpack into the empty folder `dest`, re-checking each file against the verified manifest."""
+    where = str(verified.path)
+    files = verified.manifest.files
+    dest.mkdir(parents=True, exist_ok=False)
+    root = dest.resolve()
+    written: set[str] = set()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for tar, m, name in _members(verified.path):
+        if name not in files and name not in (MANIFEST, SIGNATURE):
+            raise LineGuardError(f"{where}: {name} is not in the verified manifest")
+        target = (root / name).resolve()
+        if root not in target.parents:
+            raise LineGuardError(f"{where}: {name} would be written outside {dest}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(target, flags, 0o644), "wb") as out:
+            if name in (MANIFEST, SIGNATURE):
+                data = _read_small(tar, m, where)
+                if name == MANIFEST and data != verified.manifest_bytes:
+                    raise LineGuardError(f"{where}: manifest.json changed since it was verified")
+                if name == SIGNATURE and not verified.signed:
+                    raise LineGuardError(f"{where}: a signature appeared since verification")
+                out.write(data)
+            else:
+                digest, size = _stream(tar, m, out)
+                if (digest, size) != (files[name].sha256, files[name].size):
+                    raise LineGuardError(f"{where}: {name} changed since the bundle was verified")
+            out.flush()
+            os.fsync(out.fileno())
+        written.add(name)
+    missing = sorted(set(files) - written)
+    if missing:
+        raise LineGuardError(f"{where}: {missing[0]} missing while unpacking")

@@ -1,0 +1,453 @@
+"""Install, activate, roll back and prune releases under a deploy root.
+
+    <root>/releases/<version>/   unpacked bundles (read-only to the runtime)
+    <root>/current               symlink -> releases/<version>, switched with rename(2)
+    <root>/state/                runtime's writable state (outbox, evidence), kept across releases
+    <root>/deploy.lock           flock: one install/rollback at a time
+    <root>/deploy-history.jsonl  append-only audit of every install/rollback attempt
+
+An install never edits a release in place: it unpacks into `releases/.incoming-*`, checks it there,
+renames it into place, and only then moves `current`. A crash at any point leaves `current` on a
+complete release.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lineguard.deploy import configs
+from lineguard.deploy.bundle import Verified, extract_verified, verify_bundle
+from lineguard.deploy.health import HealthError, check_release, run_health_cmd
+from lineguard.deploy.lock import DeployLock
+from lineguard.deploy.manifest import MANIFEST, SITE_FILE, Manifest, parse_manifest, utc_now
+from lineguard.runtime.artifact import sha256_file
+from lineguard.runtime.errors import LineGuardError
+
+log = logging.getLogger(__name__)
+
+HISTORY = "deploy-history.jsonl"
+INCOMING = ".incoming-"
+
+
+@dataclass
+class Options:
+    """How to install/activate; the CLI flags of `deploy install` and `deploy rollback`."""
+
+    pubkey: Path | None = None
+    keep: int = 3
+    service: str | None = None
+    health_timeout: float = 60.0
+    health_cmd: str | None = None
+    wait_online: str = "auto"  # auto: when a service is managed and the site names a broker
+    lock_timeout: float | None = 600.0
+    inference: bool = True
+    backend: str | None = None
+    precision: str | None = None
+    force: bool = False
+    publish: bool = True
+
+
+@dataclass
+class Result:
+    action: str
+    version: str | None
+    previous: str | None
+    changed: bool
+    health: dict[str, Any] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)
+    published: str | None = None
+    message: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class DeployRoot:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        self.releases = self.root / "releases"
+        self.current = self.root / "current"
+        self.state = self.root / "state"
+        self.history_file = self.root / HISTORY
+
+    def ensure(self) -> None:
+        for d in (self.root, self.releases, self.state):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def release(self, version: str) -> Path:
+        return self.releases / version
+
+    def current_version(self) -> str | None:
+        try:
+            target = os.readlink(self.current)
+        except OSError:
+            return None
+        return Path(target).name
+
+    def installed(self) -> list[str]:
+        if not self.releases.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.releases.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.release(version) / MANIFEST
+        return parse_manifest(path.read_bytes(), str(path))
+
+    # -- the atomic switch ----------------------------------------------------------------------
+
+    def switch(self, version: str | None) -> None:
+        """Point `current` at releases/<version> (None removes it) with one rename(2)."""
+        if version is None:
+            with contextlib.suppress(FileNotFoundError):
+                self.current.unlink()
+        else:
+            tmp = self.root / f".current.{os.getpid()}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            os.symlink(f"releases/{version}", tmp)
+            os.replace(tmp, self.current)
+        _fsync_dir(self.root)
+
+    # -- history -----------------------------------------------------------------------------
+
+    def record(self, entry: dict[str, Any]) -> None:
+        line = json.dumps({"time": utc_now(), **entry}, sort_keys=True) + "\n"
+        with open(self.history_file, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def history(self) -> list[dict[str, Any]]:
+        if not self.history_file.is_file():
+            return []
+        out = []
+        for line in self.history_file.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def activations(self) -> list[str]:
+        """Versions in the order they became active (successful installs and rollbacks)."""
+        return [h["version"] for h in self.history() if h.get("ok") and h.get("activated")]
+
+    def previous_version(self) -> str | None:
+        """The most recently active release, other than the current one, still installed."""
+        cur, have = self.current_version(), set(self.installed())
+        for v in reversed(self.activations()):
+            if v != cur and v in have:
+                return v
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_installed(release: Path) -> None:
+    """An installed release must still match its manifest (nobody edited it on disk)."""
+    manifest = parse_manifest((release / MANIFEST).read_bytes(), str(release / MANIFEST))
+    for name, entry in manifest.files.items():
+        f = release / name
+        if not f.is_file() or f.is_symlink():
+            raise HealthError(f"{release}: {name} is missing")
+        if f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
+            raise HealthError(f"{release}: {name} was modified after install")
+
+
+# ---- live checks after the switch --------------------------------------------------------------
+
+
+def _broker(release: Path):
+    site = release / SITE_FILE
+    try:
+        return configs.broker_info(site)
+    except LineGuardError as exc:
+        log.warning("cannot read broker settings from %s: %s", site, exc)
+        return None
+
+
+def _live_checks(root: DeployRoot, version: str, previous: str | None, opts: Options) -> None:
+    from lineguard.deploy.mqtt_state import OnlineWatcher
+
+    release = root.release(version)
+    broker = _broker(release) if opts.wait_online != "no" else None
+    if opts.wait_online == "yes" and broker is None:
+        raise HealthError(f"--wait-online yes, but {release / SITE_FILE} names no MQTT broker")
+    env = {
+        "LINEGUARD_ROOT": str(root.root),
+        "LINEGUARD_RELEASE": str(release),
+        "LINEGUARD_VERSION": version,
+        "LINEGUARD_PREVIOUS": previous or "",
+    }
+    with contextlib.ExitStack() as stack:
+        watcher = None
+        if broker is not None and (opts.wait_online == "yes" or opts.service):
+            try:  # subscribe before the restart so the new process's `online` cannot be missed
+                watcher = stack.enter_context(OnlineWatcher(broker))
+            except HealthError as exc:
+                if opts.wait_online == "yes":
+                    raise
+                # auto: an unreachable broker must not block a deploy (the outbox covers it)
+                log.warning("%s; skipping the online check", exc)
+        if opts.service:
+            from lineguard.deploy.service import restart_service
+
+            restart_service(opts.service, opts.health_timeout)
+        if opts.health_cmd:
+            run_health_cmd(opts.health_cmd, env, opts.health_timeout)
+        if watcher is not None:
+            watcher.wait(opts.health_timeout)
+
+
+def _activate(root: DeployRoot, version: str, previous: str | None, opts: Options) -> None:
+    """Switch to `version`, run the live checks, and switch back to `previous` if they fail."""
+    root.switch(version)
+    try:
+        _live_checks(root, version, previous, opts)
+    except (HealthError, LineGuardError) as exc:
+        root.switch(previous)
+        note = ""
+        if opts.service and previous:
+            from lineguard.deploy.service import restart_service
+
+            try:
+                restart_service(opts.service, opts.health_timeout)
+            except HealthError as again:
+                note = f"; restarting {opts.service} on {previous} failed too: {again}"
+        raise HealthError(
+            f"release {version} failed its health check after activation ({exc}); "
+            f"rolled back to {previous or 'no release'}{note}"
+        ) from exc
+
+
+def _publish(root: DeployRoot, version: str, previous: str | None, opts: Options) -> str | None:
+    if not opts.publish:
+        return None
+    release = root.release(version)
+    broker = _broker(release)
+    if broker is None:
+        return None
+    from lineguard.deploy.mqtt_state import bundle_topic, publish_bundle_state
+
+    manifest = root.manifest(version)
+    state = {
+        "edge": broker.edge_id,
+        "version": version,
+        "previous": previous,
+        "manifest_sha256": sha256_file(release / MANIFEST),
+        "model": manifest.model.name,
+        "model_json_sha256": manifest.model.model_json_sha256,
+        "stations": [s.id for s in manifest.stations],
+        "activated_at": utc_now(),
+    }
+    try:
+        publish_bundle_state(broker, state)
+    except (ConnectionError, OSError) as exc:
+        log.warning("could not publish the bundle state: %s", exc)
+        return None
+    return bundle_topic(broker)
+
+
+def prune(root: DeployRoot, keep: int) -> list[str]:
+    """Delete the oldest releases beyond `keep`; never the current one or the rollback target."""
+    keep = max(1, keep)
+    cur, prev = root.current_version(), root.previous_version()
+    order = {v: i for i, v in enumerate(root.activations())}
+    installed = root.installed()
+    protected = [v for v in (cur, prev) if v in installed][:keep]
+    rest = sorted(
+        (v for v in installed if v not in protected),
+        key=lambda v: (order.get(v, -1), root.release(v).stat().st_mtime),
+        reverse=True,
+    )
+    doomed = rest[max(0, keep - len(protected)) :]
+    for v in doomed:
+        shutil.rmtree(root.release(v))
+    for stale in root.releases.glob(INCOMING + "*"):  # left by a crashed install
+        shutil.rmtree(stale, ignore_errors=True)
+    return doomed
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _same_release(root: DeployRoot, verified: Verified) -> bool:
+    path = root.release(verified.manifest.version) / MANIFEST
+    return path.is_file() and path.read_bytes() == verified.manifest_bytes
+
+
+def install(bundle: str | Path, root_dir: str | Path, opts: Options) -> Result:
+    root = DeployRoot(root_dir)
+    root.ensure()
+    with DeployLock(root.root, opts.lock_timeout):
+        entry: dict[str, Any] = {"action": "install", "bundle": str(Path(bundle).absolute())}
+        try:
+            result = _install_locked(root, Path(bundle), opts, entry)
+        except LineGuardError as exc:
+            root.record({**entry, "ok": False, "error": str(exc)})
+            raise
+        root.record(
+            {
+                **entry,
+                "ok": True,
+                "activated": result.changed,
+                "version": result.version,
+                "previous": result.previous,
+            }
+        )
+        return result
+
+
+def _install_locked(root: DeployRoot, bundle: Path, opts: Options, entry: dict) -> Result:
+    verified = verify_bundle(bundle, opts.pubkey, require_signature=opts.pubkey is not None)
+    version = verified.manifest.version
+    entry.update(
+        version=version,
+        bundle_sha256=verified.sha256,
+        signed=verified.signed,
+        key=verified.key_fingerprint,
+    )
+    current = root.current_version()
+    release = root.release(version)
+    if release.exists() and not _same_release(root, verified):
+        if not opts.force or version == current:
+            raise LineGuardError(
+                f"{release}: version {version} is already installed with different content; "
+                "build the bundle under a new version"
+                + ("" if version == current else " (or pass --force to replace it)")
+            )
+        shutil.rmtree(release)
+    if release.exists():
+        check_installed(release)
+        if version == current:
+            return Result(
+                "install",
+                version,
+                root.previous_version(),
+                changed=False,
+                message=f"{version} is already installed and active",
+            )
+        health = check_release(
+            release, verified.manifest, opts.inference, opts.backend, opts.precision
+        )
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=INCOMING + version + "-", dir=root.releases))
+        try:
+            staged = tmp / "r"
+            extract_verified(verified, staged)
+            health = check_release(
+                staged, verified.manifest, opts.inference, opts.backend, opts.precision
+            )
+            os.replace(staged, release)
+            _fsync_dir(root.releases)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _activate(root, version, current, opts)
+    except HealthError:
+        if not any(v == version for v in root.activations()):
+            shutil.rmtree(release, ignore_errors=True)  # never worked: do not keep it around
+        raise
+    published = _publish(root, version, current, opts)
+    pruned = prune(root, opts.keep)
+    return Result(
+        "install",
+        version,
+        current,
+        changed=True,
+        health=health.as_dict(),
+        pruned=pruned,
+        published=published,
+        message=f"{version} is active" + (f" (previous {current})" if current else ""),
+    )
+
+
+def rollback(root_dir: str | Path, opts: Options, to: str | None = None) -> Result:
+    root = DeployRoot(root_dir)
+    if not root.releases.is_dir():
+        raise LineGuardError(f"{root.root}: no releases installed here")
+    with DeployLock(root.root, opts.lock_timeout):
+        current = root.current_version()
+        target = to or root.previous_version()
+        entry = {"action": "rollback", "version": target, "previous": current}
+        try:
+            if target is None:
+                raise LineGuardError(f"{root.root}: no earlier release to roll back to")
+            if target not in root.installed():
+                raise LineGuardError(
+                    f"{root.root}: release {target} is not installed "
+                    f"(installed: {', '.join(root.installed()) or 'none'})"
+                )
+            if target == current:
+                raise LineGuardError(f"{root.root}: {target} is already the active release")
+            release = root.release(target)
+            check_installed(release)
+            health = check_release(
+                release, root.manifest(target), opts.inference, opts.backend, opts.precision
+            )
+            _activate(root, target, current, opts)
+        except LineGuardError as exc:
+            root.record({**entry, "ok": False, "error": str(exc)})
+            raise
+        root.record({**entry, "ok": True, "activated": True})
+        published = _publish(root, target, current, opts)
+        return Result(
+            "rollback",
+            target,
+            current,
+            changed=True,
+            health=health.as_dict(),
+            published=published,
+            message=f"rolled back from {current} to {target}",
+        )
+
+
+def status(root_dir: str | Path) -> dict[str, Any]:
+    root = DeployRoot(root_dir)
+    current = root.current_version()
+    history = root.history()
+    activated: dict[str, str] = {}
+    for h in history:
+        if h.get("ok") and h.get("activated"):
+            activated[h["version"]] = h["time"]
+    releases = []
+    for v in root.installed():
+        info: dict[str, Any] = {
+            "version": v,
+            "active": v == current,
+            "last_activated": activated.get(v),
+        }
+        try:
+            m = root.manifest(v)
+            info.update(
+                created=m.created,
+                model=m.model.name,
+                stations=[s.id for s in m.stations],
+                files=len(m.files),
+            )
+        except (OSError, LineGuardError) as exc:
+            info["error"] = str(exc)
+        releases.append(info)
+    broken = current is not None and not root.release(current).is_dir()
+    return {
+        "root": str(root.root),
+        "current": current,
+        "current_broken": broken,
+        "previous": root.previous_version(),
+        "releases": releases,
+        "last": history[-1] if history else None,
+    }
