@@ -276,6 +276,13 @@ class BrokerConfig(_Strict):
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
 
+    @field_validator("password_file")
+    @classmethod
+    def _password_file_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if v is not None and _check_files(info) and not v.is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
     def password(self) -> SecretStr | None:
         """Read the password now (so a rotated secret file is picked up on restart)."""
         if self.password_file is not None:

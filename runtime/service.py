@@ -1,0 +1,357 @@
+"""`lineguard run`: all stations of a site, wired to the outbox, MQTT, stats and threshold commands.
+
+Frame threads (one per station, `runtime/station.py`) call back into this service:
+`submit_event` commits the event (and its evidence JPEG) to the SQLite outbox and wakes the
+publisher thread, nothing else, so the frame loop never waits on the network. Without a broker,
+events still go to the outbox and are printed to stdout as JSON lines.
+
+Threshold commands arrive on paho's thread, are checked against `threshold_set.schema.json`, are
+applied to the station from its next frame on, written to the audit log and echoed (retained) on
+`threshold/state`; a malformed command gets a reply on `threshold/error` and changes nothing.
+Live changes are not written back to the station file: `lineguard calibrate` does that, so a
+restart returns to the file's values (and says so on `threshold/state`, `changed_by: null`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from lineguard.runtime import events as ev
+from lineguard.runtime.audit import AuditLog
+from lineguard.runtime.config import StationConfig
+from lineguard.runtime.config_loader import LoadedSite
+from lineguard.runtime.mqtt import MqttLink
+from lineguard.runtime.outbox import Outbox, Pending
+from lineguard.runtime.publisher import OutboxPublisher
+from lineguard.runtime.threshold_commands import CommandError, parse_threshold_command
+
+log = logging.getLogger(__name__)
+
+
+class StationLike(Protocol):
+    """What the service needs from a station (`lineguard.runtime.station.Station`)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def thresholds(self) -> dict[str, Any]: ...
+    def shadow(self) -> dict[str, Any] | None: ...
+    def set_thresholds(self, image=None, pixel=None, min_area_px=None) -> Any: ...
+    def set_shadow(self, image=None, pixel=None, min_area_px=None) -> Any: ...
+
+
+OnEvent = Callable[[dict[str, Any], bytes | None], None]
+OnStatus = Callable[[str, str], None]
+EvidenceTopic = Callable[[str], str]
+StationFactory = Callable[[StationConfig, str, OnEvent, OnStatus, EvidenceTopic], StationLike]
+
+
+@dataclass
+class _Slot:
+    """Service-side state of one station."""
+
+    config: StationConfig
+    station: StationLike | None = None
+    state: str = "offline"
+    reason: str = "starting"
+    state_ts: float = 0.0
+    threshold_by: str | None = None
+    threshold_reason: str | None = None
+    threshold_request: str | None = None
+    threshold_ts: float = 0.0
+
+
+class Service:
+    """Runs a site: build with a LoadedSite, then `start()` / `stop()` or `run_forever()`."""
+
+    def __init__(
+        self,
+        loaded: LoadedSite,
+        station_factory: StationFactory | None = None,
+        stdout: TextIO | None = None,
+        strict_schemas: bool = False,
+    ) -> None:
+        self.loaded = loaded
+        self.site = loaded.site
+        self.topics = ev.Topics(self.site.topic_prefix, self.site.edge_id)
+        self.station_factory = station_factory or _default_station_factory
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.strict_schemas = strict_schemas
+        self.slots = {s.station_id: _Slot(s) for s in loaded.stations}
+        self._by_set_topic = {
+            self.topics.threshold_set(s.line_id, s.station_id): s.station_id
+            for s in loaded.stations
+        }
+        self.outbox: Outbox | None = None
+        self.audit = AuditLog(self.site.audit_log)
+        self.link: MqttLink | None = None
+        self.publisher: OutboxPublisher | None = None
+        self._stop = threading.Event()
+        self._stats_thread: threading.Thread | None = None
+        self._stdout_lock = threading.Lock()
+        self._schema_failures = 0
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        o = self.site.outbox
+        self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
+        if self.site.broker is not None:
+            self.link = MqttLink(
+                self.site.broker,
+                self.site.client_id(),
+                self.topics.available(),
+                on_connected=self._on_connected,
+                on_message=self._on_message,
+            )
+            for topic in self._by_set_topic:
+                self.link.subscribe(topic)
+            self.publisher = OutboxPublisher(self.outbox, self.link)
+            self.publisher.start()
+            self.link.start()
+        else:
+            log.warning("no broker configured: events go to the outbox %s and stdout", o.path)
+        for sid, slot in self.slots.items():
+            c = slot.config
+            slot.station = self.station_factory(
+                c,
+                self.site.edge_id,
+                lambda payload, jpeg, sid=sid: self.submit_event(sid, payload, jpeg),
+                lambda state, reason, sid=sid: self.set_status(sid, state, reason),
+                lambda eid, c=c: self.topics.evidence(c.line_id, c.station_id, eid),
+            )
+            slot.threshold_ts = time.time()
+        for slot in self.slots.values():
+            slot.station.start()
+        self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
+        self._stats_thread.start()
+
+    def stop(self) -> None:
+        """Stop stations, mark every station offline (retained), flush, close."""
+        self._stop.set()
+        for slot in self.slots.values():
+            if slot.station is not None:
+                try:
+                    slot.station.stop()
+                except Exception:
+                    log.exception("station %s: stop failed", slot.config.station_id)
+            slot.state, slot.reason, slot.state_ts = "offline", "runtime stopped", time.time()
+        if self._stats_thread is not None:
+            self._stats_thread.join(5.0)
+        if self.publisher is not None:
+            self.publisher.stop()
+        if self.link is not None:
+            final = [
+                (t, ev.encode(p), True)
+                for t, p in (self._status_message(s) for s in self.slots.values())
+            ]
+            self.link.stop(final)
+        if self.outbox is not None:
+            self.outbox.close()
+
+    def run_forever(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the exit code."""
+        stop = threading.Event()
+
+        def handle(signum, frame):
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return 0
+
+    # -------------------------------------------------------------- from stations (frame threads)
+
+    def submit_event(self, station_id: str, payload: dict[str, Any], jpeg: bytes | None) -> None:
+        """Commit a defect event (and its evidence JPEG) to the outbox; no network I/O here.
+
+        The station has already attached the evidence reference (`events.attach_evidence`, with
+        the topic from the service's `evidence_topic`); the JPEG goes on that topic when given.
+        """
+        cfg = self.slots[station_id].config
+        event_id = payload["event_id"]
+        rows: list[Pending] = []
+        evidence = payload.get("evidence") or {}
+        if jpeg and not evidence:
+            topic = self.topics.evidence(cfg.line_id, cfg.station_id, event_id)
+            evidence = ev.attach_evidence(payload, jpeg, topic=topic, path=None)["evidence"]
+        errors = ev.schema_errors("defect", payload)
+        if errors:
+            self._schema_failures += 1
+            log.error("station %s: defect payload breaks its schema: %s", station_id, errors)
+            if self.strict_schemas:
+                raise ValueError("; ".join(errors))
+        defect_topic = self.topics.defect(cfg.line_id, cfg.station_id)
+        rows.append(Pending(defect_topic, ev.encode(payload), 1, False, event_id))
+        if jpeg and evidence.get("topic"):
+            rows.append(Pending(evidence["topic"], jpeg, 1, False, event_id))
+        self.outbox.put_many(rows)
+        if self.publisher is not None:
+            self.publisher.wake()
+        else:
+            with self._stdout_lock:
+                self.stdout.write(json.dumps(payload, separators=(",", ":")) + "\n")
+                self.stdout.flush()
+
+    def set_status(self, station_id: str, state: str, reason: str = "") -> None:
+        """Station state changed (online / offline / camera-lost): publish it retained."""
+        if state not in ev.STATES:
+            raise ValueError(f"unknown station state {state!r}")
+        slot = self.slots[station_id]
+        if (slot.state, slot.reason) == (state, reason):
+            return
+        slot.state, slot.reason, slot.state_ts = state, reason, time.time()
+        log.info("station %s: %s %s", station_id, state, reason)
+        self._publish_now(*self._status_message(slot), retain=True)
+
+    # -------------------------------------------------------------- MQTT side
+
+    def _status_message(self, slot: _Slot) -> tuple[str, dict[str, Any]]:
+        c = slot.config
+        payload = ev.status_payload(
+            self.site.edge_id, c.line_id, c.station_id, slot.state, slot.reason, slot.state_ts
+        )
+        return self.topics.status(c.line_id, c.station_id), payload
+
+    def _threshold_message(self, slot: _Slot) -> tuple[str, dict[str, Any]]:
+        c = slot.config
+        payload = ev.threshold_state_payload(
+            self.site.edge_id,
+            c.line_id,
+            c.station_id,
+            active=slot.station.thresholds(),
+            shadow=slot.station.shadow(),
+            changed_by=slot.threshold_by,
+            reason=slot.threshold_reason,
+            request_id=slot.threshold_request,
+            ts=slot.threshold_ts,
+        )
+        return self.topics.threshold_state(c.line_id, c.station_id), payload
+
+    def _publish_now(self, topic: str, payload: dict[str, Any], retain: bool, qos: int = 1) -> None:
+        """State messages skip the outbox: they are re-published on every reconnect anyway."""
+        if self.link is not None and self.link.connected:
+            self.link.publish(topic, ev.encode(payload), qos=qos, retain=retain)
+
+    def _on_connected(self) -> None:
+        for slot in self.slots.values():
+            self._publish_now(*self._status_message(slot), retain=True)
+            if slot.station is not None:
+                self._publish_now(*self._threshold_message(slot), retain=True)
+        if self.publisher is not None:
+            self.publisher.wake()
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        station_id = self._by_set_topic.get(topic)
+        if station_id is None:
+            return
+        self.handle_threshold_command(station_id, payload, retained)
+
+    def handle_threshold_command(self, station_id: str, raw: bytes, retained: bool = False) -> bool:
+        """Validate and apply one threshold/set command; returns whether it was applied."""
+        slot = self.slots[station_id]
+        c = slot.config
+        try:
+            cmd = parse_threshold_command(raw, retained)
+        except CommandError as exc:
+            log.warning("station %s: threshold/set refused: %s", station_id, exc)
+            error = ev.threshold_error_payload(
+                self.site.edge_id, c.line_id, c.station_id, str(exc), raw, exc.request_id
+            )
+            self._publish_now(self.topics.threshold_error(c.line_id, c.station_id), error, False)
+            return False
+        station = slot.station
+        old = {"active": station.thresholds(), "shadow": station.shadow()}
+        if cmd.clear_shadow:
+            station.set_shadow(None, None, None)
+        if cmd.values:
+            if cmd.shadow:
+                station.set_shadow(**{**(station.shadow() or station.thresholds()), **cmd.values})
+            else:
+                station.set_thresholds(**cmd.values)
+        new = {"active": station.thresholds(), "shadow": station.shadow()}
+        self.audit.append(
+            station=c.station_id,
+            line=c.line_id,
+            edge_id=self.site.edge_id,
+            by=cmd.by,
+            reason=cmd.reason,
+            old=old,
+            new=new,
+            action="threshold/shadow" if cmd.shadow or cmd.clear_shadow else "threshold/set",
+            request_id=cmd.request_id,
+        )
+        slot.threshold_by, slot.threshold_reason = cmd.by, cmd.reason
+        slot.threshold_request, slot.threshold_ts = cmd.request_id, time.time()
+        self._publish_now(*self._threshold_message(slot), retain=True)
+        return True
+
+    # -------------------------------------------------------------- stats
+
+    def stats_messages(self) -> list[tuple[str, dict[str, Any]]]:
+        depth = self.outbox.depth() if self.outbox is not None else 0
+        connected = self.link is not None and self.link.connected
+        out = []
+        for slot in self.slots.values():
+            c = slot.config
+            payload = ev.stats_payload(
+                self.site.edge_id,
+                c.line_id,
+                c.station_id,
+                self.site.stats_interval_s,
+                slot.station.stats(),
+                depth,
+                connected,
+                slot.state,
+            )
+            out.append((self.topics.stats(c.line_id, c.station_id), payload))
+        return out
+
+    def _stats_loop(self) -> None:
+        interval = self.site.stats_interval_s
+        while not self._stop.wait(interval):
+            try:
+                for topic, payload in self.stats_messages():
+                    self._publish_now(topic, payload, retain=False, qos=0)
+            except Exception:
+                log.exception("stats: failed")
+
+
+def _default_station_factory(
+    config: StationConfig,
+    edge_id: str,
+    on_event: OnEvent,
+    on_status: OnStatus,
+    evidence_topic: EvidenceTopic,
+) -> StationLike:
+    from lineguard.runtime.station import Station  # loads the inference engine
+
+    return Station(
+        config,
+        edge_id=edge_id,
+        on_event=on_event,
+        on_status=on_status,
+        evidence_topic=evidence_topic,
+    )
+
+
+def service_paths(loaded: LoadedSite) -> dict[str, Path]:
+    """Where the service keeps its state (for `validate-config` to show)."""
+    return {"outbox": loaded.site.outbox.path, "audit_log": loaded.site.audit_log}
