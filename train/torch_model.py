@@ -295,7 +295,7 @@ class OneNIP(nn.Module):
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:
         """Max of the ``score_pool``² average-pooled map (stride 1, no padding)."""
-        k = min(self.cfg.score_pool, amap.shape[-2], amap.shape[-1])
+        k = min(self.cfg.score_pool, self.cfg.input_size)  # static: no shape-dependent trace
         return F.avg_pool2d(amap, k, stride=1).amax(dim=(1, 2, 3))
 
     def forward_train(

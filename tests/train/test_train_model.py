@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from lineguard.train.losses import dice_loss, feature_mse, onenip_loss
-from lineguard.train.torch_model import OneNIP, OneNIPConfig, neighbor_mask
+from lineguard.train.torch_model import OneNIP, OneNIPConfig, count_parameters, neighbor_mask
 from pydantic import ValidationError
 
 torch.set_num_threads(2)
@@ -159,6 +159,27 @@ def test_prompt_is_encoded_once_and_shared_by_both_halves():
         amap_rec = m.reconstruct(m.encode(m.tokens(m.features(x))), tokens)
     torch.testing.assert_close(out["rec_feat"][:2], out["rec_feat"][2:])
     torch.testing.assert_close(out["rec_feat"][:2], amap_rec)
+
+
+def test_trainable_parameter_count_matches_the_official_model():
+    """With the paper's b4 taps (272 ch) at 224 the head has exactly the spec's 8,372,625."""
+    m = OneNIP(OneNIPConfig(backbone="tf_efficientnet_b4"), pretrained=False)
+    assert m.feat_channels == 272
+    assert count_parameters(m) == 8_372_625
+    assert count_parameters(m.refiner) == 592_769
+
+
+def test_forward_train_under_bf16_autocast():
+    torch.manual_seed(0)
+    m = OneNIP(tiny_cfg(), pretrained=False).train()
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[:, :, 8:24, 8:24] = 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.forward_train(images(2, 20), images(2, 21), images(2, 22))
+    total, _ = onenip_loss(out, mask)
+    assert total.dtype == torch.float32 and bool(torch.isfinite(total))
+    total.backward()
+    assert bool(torch.isfinite(m.input_proj.weight.grad).all())
 
 
 # ------------------------------------------------------------------ jitter and prompt independence
