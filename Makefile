@@ -1,0 +1,39 @@
+# LineGuard — the README names these targets.
+#   make demo   set everything up (venv, packages, mosquitto when possible) and run the demo
+#   make test   set everything up and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: setup broker test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[edge,train,dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# mosquitto and ansible-core come from Debian; the tests start their own broker.
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	  (command -v apt-get >/dev/null && { $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q mosquitto ansible-core || \
+	   ( $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q mosquitto ansible-core ); }) || \
+	  echo "mosquitto could not be installed: broker tests will be skipped, the demo uses the outbox"
+
+test: setup broker
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: setup broker
+	$(PY) -m lineguard.deploy.demo
+
+clean:
+	rm -rf $(VENV) runs demo-out
