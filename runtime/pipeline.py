@@ -1,0 +1,237 @@
+"""Per-frame processing of one station, free of threads and I/O: frame in, decision out.
+
+frame → ROI crop → resize to the model input (cv2.INTER_AREA, the training rule) → engine →
+normalise map and score with the artifact's calibration ((raw − center) / scale) → ignored pixels
+set to 0 → pixel threshold → connected regions ≥ `min_area_px` (model-input pixels) → decision.
+
+Decision rule: a frame is defective iff its normalised image score ≥ the image threshold AND at
+least one region survives (outside the ignore masks, large enough). Requiring a region is what
+makes ignore masks and the minimum area effective: the model's image score is pooled over the
+whole crop, so a bright spot inside a masked area (a label, a clamp) would otherwise still alert.
+`require_region=False` gives the plain image-score rule.
+
+The prompt tokens are computed once, from the golden image through the same ROI/resize rule.
+Thresholds can change from another thread (MQTT `threshold/set`): `set_thresholds` swaps an
+immutable `Thresholds` object and `process` reads it once per frame, so a change applies from
+the next frame on and a frame never mixes old and new values.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+from lineguard.runtime.regions import (
+    Box,
+    Region,
+    find_regions,
+    ignore_mask,
+    polygons_to_pixels,
+    roi_pixels,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """Decision thresholds in normalised units; `min_area_px` in model-input pixels."""
+
+    image: float
+    pixel: float
+    min_area_px: int = 16
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "pixel": self.pixel, "min_area_px": self.min_area_px}
+
+
+@dataclass(slots=True)
+class Decision:
+    """What the pipeline concluded about one frame (`score_map` is at model-input size)."""
+
+    defective: bool
+    image_score: float
+    regions: list[Region]
+    thresholds: Thresholds
+    score_map: np.ndarray
+    roi: Box
+    frame_size: tuple[int, int]  # width, height
+    shadow_defective: bool | None = None
+    shadow_thresholds: Thresholds | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """One station's fixed-prompt inference and decision logic (see module docstring)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        prompt_rgb: np.ndarray,
+        *,
+        thresholds: Thresholds,
+        roi: tuple[float, float, float, float] | None = None,
+        ignore_masks: list | tuple = (),
+        require_region: bool = True,
+    ) -> None:
+        self.engine = engine
+        card = engine.card
+        self.input_hw = (int(card.input_size[0]), int(card.input_size[1]))
+        self.bgr = getattr(card, "color_order", "RGB") == "BGR"
+        norm = card.score_normalization
+        self._img_c, self._img_s = float(norm.image.center), float(norm.image.scale)
+        self._pix_c, self._pix_s = float(norm.pixel.center), float(norm.pixel.scale)
+        if getattr(card, "resize", "cv2-area") not in ("cv2-area", "area"):
+            log.warning("model resizes with %r; the runtime uses cv2 INTER_AREA", card.resize)
+        self.roi = None if roi is None else tuple(float(v) for v in roi)
+        self.ignore_masks = [list(p) for p in ignore_masks]
+        self.require_region = require_region
+        self._lock = threading.Lock()
+        self._thresholds = thresholds
+        self._shadow: Thresholds | None = None
+        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None]] = {}
+        prompt_input, _ = self.prepare(prompt_rgb)
+        self.tokens = engine.encode_prompt(prompt_input)
+
+    # ------------------------------------------------------------------ thresholds
+    @property
+    def thresholds(self) -> Thresholds:
+        return self._thresholds
+
+    @property
+    def shadow(self) -> Thresholds | None:
+        return self._shadow
+
+    def set_thresholds(
+        self,
+        image: float | None = None,
+        pixel: float | None = None,
+        min_area_px: int | None = None,
+    ) -> Thresholds:
+        """Change any of the thresholds; the rest keep their value. Applies from the next frame."""
+        with self._lock:
+            t = self._thresholds
+            self._thresholds = replace(
+                t,
+                image=t.image if image is None else float(image),
+                pixel=t.pixel if pixel is None else float(pixel),
+                min_area_px=t.min_area_px if min_area_px is None else _area(min_area_px),
+            )
+            return self._thresholds
+
+    def set_shadow(self, thresholds: Thresholds | None) -> None:
+        """Evaluate a candidate too (counted, never alerted); None stops shadow evaluation."""
+        with self._lock:
+            self._shadow = thresholds
+
+    # ------------------------------------------------------------------ processing
+    def _frame_geometry(self, width: int, height: int) -> tuple[Box, np.ndarray | None]:
+        key = (width, height)
+        geo = self._geometry.get(key)
+        if geo is None:
+            roi = roi_pixels(self.roi, width, height)
+            polys = polygons_to_pixels(self.ignore_masks, width, height)
+            geo = (roi, ignore_mask(polys, roi, self.input_hw))
+            self._geometry = {**self._geometry, key: geo}
+        return geo
+
+    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
+        """ROI crop resized to the model input (uint8 H×W×3 in the model's colour order)."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected RGB uint8 H×W×3, got {rgb.dtype} {rgb.shape}")
+        roi, _ = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        x, y, w, h = roi
+        crop = rgb[y : y + h, x : x + w]
+        ih, iw = self.input_hw
+        if crop.shape[:2] != (ih, iw):
+            crop = cv2.resize(crop, (iw, ih), interpolation=cv2.INTER_AREA)
+        if self.bgr:
+            crop = crop[..., ::-1]
+        return np.ascontiguousarray(crop), roi
+
+    def process(self, rgb: np.ndarray) -> Decision:
+        """Run the model on one frame and decide (thresholds read once, at the start)."""
+        thresholds, shadow = self._thresholds, self._shadow
+        model_input, roi = self.prepare(rgb)
+        raw_map, raw_score = self.engine.detect(model_input, self.tokens)
+        score_map = self._normalise_map(raw_map)
+        score = (float(np.asarray(raw_score).reshape(-1)[0]) - self._img_c) / self._img_s
+        _, ignore = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        if ignore is not None:
+            score_map[ignore] = 0.0
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
+        regions = self._regions(score_map, score, thresholds, roi, size, ignore)
+        decision = Decision(
+            defective=self._defective(score, regions, thresholds),
+            image_score=score,
+            regions=regions,
+            thresholds=thresholds,
+            score_map=score_map,
+            roi=roi,
+            frame_size=size,
+        )
+        if shadow is not None:
+            shadow_regions = self._regions(score_map, score, shadow, roi, size, ignore)
+            decision.shadow_defective = self._defective(score, shadow_regions, shadow)
+            decision.shadow_thresholds = shadow
+        return decision
+
+    def _normalise_map(self, raw_map: np.ndarray) -> np.ndarray:
+        m = np.asarray(raw_map, np.float32)
+        m = m.reshape(m.shape[-2], m.shape[-1])
+        ih, iw = self.input_hw
+        if m.shape != (ih, iw):
+            m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
+        return (m - np.float32(self._pix_c)) / np.float32(self._pix_s)
+
+    def _regions(self, score_map, score, t: Thresholds, roi, size, ignore) -> list[Region]:
+        if score < t.image:
+            return []  # the frame is normal whatever the map says; skip the labelling work
+        return find_regions(score_map, t.pixel, t.min_area_px, roi, size, ignore)
+
+    def _defective(self, score: float, regions: list[Region], t: Thresholds) -> bool:
+        return score >= t.image and (bool(regions) or not self.require_region)
+
+
+def _area(value: int) -> int:
+    value = int(value)
+    if value < 1:
+        raise ValueError("min_area_px must be >= 1")
+    return value
+
+
+class Debouncer:
+    """Turns per-frame decisions into events.
+
+    Rule: count consecutive defective frames (a normal frame resets the count). An event fires on
+    a frame where the count has reached `consecutive` and at least `cooldown_s` have passed since
+    the previous event (capture-time clock); the count then restarts from zero. So a persisting
+    defect re-alerts at most once per `cooldown_s`, and every `consecutive` frames at the most;
+    a run that reached `consecutive` during the cooldown fires on its first frame after it.
+    """
+
+    def __init__(self, consecutive: int = 1, cooldown_s: float = 0.0) -> None:
+        if consecutive < 1 or cooldown_s < 0:
+            raise ValueError("need consecutive >= 1 and cooldown_s >= 0")
+        self.consecutive = consecutive
+        self.cooldown_s = cooldown_s
+        self.run = 0
+        self._last_event: float | None = None
+
+    def update(self, defective: bool, t: float) -> bool:
+        """Feed one decision made on a frame captured at monotonic time `t`; True = emit."""
+        if not defective:
+            self.run = 0
+            return False
+        self.run += 1
+        if self.run < self.consecutive:
+            return False
+        if self._last_event is not None and t - self._last_event < self.cooldown_s:
+            return False
+        self._last_event = t
+        self.run = 0
+        return True
