@@ -165,7 +165,6 @@ class QueueConfig(_Strict):
     )
 
 
-Point = tuple[float, float]
 
 
 def _fraction(v: float) -> float:
@@ -175,6 +174,15 @@ def _fraction(v: float) -> float:
 
 
 Fraction = Annotated[float, AfterValidator(_fraction)]
+
+
+def _polygon(v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    if len(v) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, has {len(v)}")
+    return v
+
+
+Polygon = Annotated[list[tuple[Fraction, Fraction]], AfterValidator(_polygon)]
 
 
 class StationConfig(_Strict):
@@ -191,7 +199,7 @@ class StationConfig(_Strict):
     roi: tuple[Fraction, Fraction, Fraction, Fraction] | None = Field(
         None, title="Region of interest [x, y, w, h] as fractions of the frame (None = all)"
     )
-    ignore_masks: list[list[tuple[Fraction, Fraction]]] = Field(
+    ignore_masks: list[Polygon] = Field(
         default_factory=list,
         title="Polygons (lists of [x, y] fractions of the frame) whose pixels never alert",
     )
@@ -214,14 +222,6 @@ class StationConfig(_Strict):
             x, y, w, h = v
             if w <= 0 or h <= 0 or x + w > 1.0 + 1e-9 or y + h > 1.0 + 1e-9:
                 raise ValueError("roi [x, y, w, h] must have w, h > 0 and stay inside the frame")
-        return v
-
-    @field_validator("ignore_masks")
-    @classmethod
-    def _polygons(cls, v: list[list[Point]]) -> list[list[Point]]:
-        for i, poly in enumerate(v):
-            if len(poly) < 3:
-                raise ValueError(f"polygon {i} needs at least 3 points, has {len(poly)}")
         return v
 
 
