@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import shutil
 import tarfile
@@ -28,6 +29,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from lineguard.deploy import configs, signing
 from lineguard.deploy.manifest import (
@@ -36,7 +38,9 @@ from lineguard.deploy.manifest import (
     PROMPTS_DIR,
     SIGNATURE,
     SITE_FILE,
+    STATE_DIR,
     STATIONS_DIR,
+    TOP_LEVEL,
     VERSION_RE,
     Manifest,
     StationEntry,
@@ -49,6 +53,8 @@ from lineguard.deploy.manifest import (
 )
 from lineguard.runtime.artifact import MODEL_JSON, load_card, sha256_file
 from lineguard.runtime.errors import LineGuardError
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
@@ -90,67 +96,71 @@ def _station_files(stations: Path) -> list[Path]:
     return files
 
 
-def _stage_station(
-    src: Path, stage: Path, artifact: Path, used: dict[str, str]
-) -> tuple[StationEntry, str]:
-    """Copy one station config and its images into `stage`, rewriting paths to bundle paths."""
-    data = configs.read_yaml(src)
-    if not isinstance(data, dict):
-        raise LineGuardError(f"{src}: a station config must be a mapping")
+def _check_state_path(value: Any, bundle_dir: str, where: str) -> None:
+    """Relative paths the runtime writes to must land in `state/` (releases are read-only)."""
+    if not isinstance(value, str) or Path(os.path.expanduser(value)).is_absolute():
+        return
+    inside = os.path.normpath(os.path.join(bundle_dir, value))
+    if inside != STATE_DIR and not inside.startswith(STATE_DIR + "/"):
+        raise LineGuardError(
+            f"{where}: {value!r} would be written inside the read-only release; use a path "
+            f"under {STATE_DIR}/ (relative to the bundle root), which persists across releases, "
+            "or an absolute path"
+        )
+
+
+def _stage_station(src: Path, stage: Path, artifact: Path, used: dict[str, str]) -> StationEntry:
+    """Copy one station config and its prompt image into `stage`, rewriting their paths."""
+    configs.validate_station_file(src)  # errors name the user's file and line
+    data = configs.read_mapping(src, "station")
     sid = configs.station_id(data, src)
     if not VERSION_RE.match(sid):
-        raise LineGuardError(f"{src}: station id {sid!r} cannot be used as a folder name")
+        raise LineGuardError(f"{src}: station_id {sid!r} cannot be used as a folder name")
     if sid in used:
-        raise LineGuardError(f"{src}: station id {sid!r} already used by {used[sid]}")
+        raise LineGuardError(f"{src}: station_id {sid!r} is also used by {used[sid]}")
     used[sid] = str(src)
-    prompts: list[str] = []
-    taken: dict[str, Path] = {}
-    for ref in configs.image_refs(data, src.parent):
-        name = ref.target.name
-        n = 1
-        while name in taken and taken[name] != ref.target:
-            name = f"{ref.target.stem}-{n}{ref.target.suffix}"
-            n += 1
-        taken[name] = ref.target
-        rel = f"{PROMPTS_DIR}/{sid}/{name}"
-        if rel not in prompts:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ref.target, stage / rel)
-            prompts.append(rel)
-        configs.set_key(data, ref.key, f"../{rel}")
-    for ref in configs.artifact_refs(data, src.parent):
-        if ref.target != artifact:
-            dotted = ".".join(map(str, ref.key))
-            raise LineGuardError(
-                f"{src}: {dotted} names model artifact {ref.target}, but the bundle carries "
-                f"{artifact}: one bundle holds one model"
-            )
-        configs.set_key(data, ref.key, f"../{MODEL_DIR}")
+    key = ".".join(configs.PROMPT_KEY)
+    image = configs.resolve(configs.get_key(data, configs.PROMPT_KEY), src.parent.absolute())
+    if image is None or not image.is_file():
+        raise LineGuardError(f"{src}: {key}: prompt image {image or '(missing)'} not found")
+    rel = f"{PROMPTS_DIR}/{sid}/{image.name}"
+    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(image, stage / rel)
+    configs.set_key(data, configs.PROMPT_KEY, f"../{rel}")
+    model = configs.resolve(configs.get_key(data, configs.MODEL_KEY), src.parent.absolute())
+    if model is None:
+        raise LineGuardError(f"{src}: model: missing (the model artifact folder)")
+    if model.resolve() != artifact:
+        raise LineGuardError(
+            f"{src}: model: names {model}, but the bundle carries {artifact}: one bundle holds "
+            "one model"
+        )
+    configs.set_key(data, configs.MODEL_KEY, f"../{MODEL_DIR}")
+    _check_state_path(
+        configs.get_key(data, ("evidence", "save_dir")), STATIONS_DIR, f"{src}: evidence.save_dir"
+    )
     rel_cfg = f"{STATIONS_DIR}/{src.name}"
     (stage / rel_cfg).parent.mkdir(parents=True, exist_ok=True)
     (stage / rel_cfg).write_bytes(configs.dump_yaml(data))
-    return StationEntry(id=sid, config=rel_cfg, prompts=prompts), rel_cfg
+    return StationEntry(id=sid, config=rel_cfg, prompts=[rel])
 
 
-def _stage_site(site: Path, stage: Path, stations: Path, artifact: Path, names: dict) -> None:
-    data = configs.read_yaml(site)
-    if not isinstance(data, dict):
-        raise LineGuardError(f"{site}: a site config must be a mapping")
-    stations_dir = stations.resolve() if stations.is_dir() else stations.resolve().parent
-
-    def accept(p: Path) -> bool:
-        return p == stations_dir or p in names or configs.is_artifact_dir(p)
-
-    for ref in configs.file_refs(data, site.parent, accept):
-        if ref.target == stations_dir:
-            new = STATIONS_DIR
-        elif ref.target in names:
-            new = names[ref.target]
-        elif ref.target == artifact:
-            new = MODEL_DIR
-        else:
-            raise LineGuardError(f"{site}: refers to another model artifact {ref.target}")
-        configs.set_key(data, ref.key, new)
+def _stage_site(site: Path, stage: Path, names: dict[Path, str]) -> None:
+    """Copy the site config, pointing `stations` at the bundled station files."""
+    configs.validate_site_file(site, check_files=False)  # TLS files live on the edge PC
+    data = configs.read_mapping(site, "site")
+    configs.check_site_local_paths(data, site)
+    listed = []
+    for f in configs.site_station_files(data, site):
+        if f.resolve() not in names:
+            raise LineGuardError(f"{site}: stations: {f} is not among the bundled --stations")
+        listed.append(names[f.resolve()])
+    unlisted = sorted(set(names.values()) - set(listed))
+    if unlisted:
+        log.warning("%s does not list %s: the runtime will not run them", site, unlisted)
+    data["stations"] = listed
+    _check_state_path(configs.get_key(data, ("outbox", "path")), ".", f"{site}: outbox.path")
+    _check_state_path(data.get("audit_log"), ".", f"{site}: audit_log")
     (stage / SITE_FILE).write_bytes(configs.dump_yaml(data))
 
 
@@ -166,11 +176,13 @@ def stage_bundle(
     entries = []
     names: dict[Path, str] = {}
     for src in _station_files(stations):
-        entry, rel = _stage_station(src, stage, artifact, used)
+        entry = _stage_station(src, stage, artifact, used)
         entries.append(entry)
-        names[src.resolve()] = rel
+        names[src.resolve()] = entry.config
     if site is not None:
-        _stage_site(site, stage, stations, artifact, names)
+        _stage_site(site, stage, names)
+    else:
+        log.warning("no --site: the bundle has no site.yaml, which `lineguard run` needs")
     files = {
         p.relative_to(stage).as_posix(): file_entry(p)
         for p in sorted(stage.rglob("*"))
@@ -232,7 +244,11 @@ def build_bundle(
         manifest = stage_bundle(Path(artifact), Path(stations), version, stage, site)
         from lineguard.deploy.health import check_configs
 
-        check_configs(stage, manifest)  # refuse to ship configs the edge would reject
+        # the rewritten copies must still validate (machine-local files are checked on the edge)
+        try:
+            check_configs(stage, manifest, on_edge=False)
+        except LineGuardError as exc:
+            raise LineGuardError(str(exc).replace(str(stage), f"{out} (staged)")) from exc
         sig = signing.sign(manifest.to_bytes(), key) if key is not None else None
         digest = write_archive(stage, manifest, Path(out), sig)
     return BuildResult(Path(out), manifest, digest, sig is not None)
@@ -316,9 +332,8 @@ def _stream(tar: tarfile.TarFile, m: tarfile.TarInfo, sink=None) -> tuple[str, i
 def _check_consistency(manifest: Manifest, where: str) -> None:
     files = manifest.files
     for name in files:
-        PurePosixPath(name)  # names were normalised by the builder; checked again on unpack
-        if name in (MANIFEST, SIGNATURE):
-            raise LineGuardError(f"{where}: manifest lists {name} as a content file")
+        if name.split("/", 1)[0] not in TOP_LEVEL:
+            raise LineGuardError(f"{where}: manifest lists {name!r} outside the bundle layout")
     needed = [f"{MODEL_DIR}/{MODEL_JSON}"]
     needed += [s.config for s in manifest.stations] + [
         p for s in manifest.stations for p in s.prompts

@@ -1,44 +1,39 @@
 """The one place deploy reads station and site configs.
 
-Bundling needs to know which files a config refers to (prompt images, masks, the model artifact,
-the station files a site lists) so it can copy them in and rewrite the paths relative to the
-bundle; installing needs to validate the configs. The runtime's pydantic models
-(`lineguard.runtime.config`) are the authority for validation; the reference walk below only
-looks at values, so it keeps working whatever the runtime names its keys.
+Validation is the runtime's (`lineguard.runtime.config_loader`: pydantic models, errors naming
+file, line and key), so a bundle is checked exactly as `lineguard run` will read it. Bundling
+additionally works on the raw YAML, to copy in the files a config refers to and rewrite their
+paths relative to the bundle while leaving every other key as written.
 
-Convention (shared with the runtime loader): a relative path in a YAML file is relative to the
-directory of that file.
+Path convention (the runtime's): a relative path is relative to the directory of its YAML file.
 """
 
 from __future__ import annotations
 
-import importlib
+import glob
 import logging
-import socket
-from collections.abc import Callable, Iterator
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from lineguard.runtime.artifact import MODEL_JSON, sha256_file
+from lineguard.runtime.artifact import MODEL_JSON
 from lineguard.runtime.errors import LineGuardError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 YAML_SUFFIXES = {".yaml", ".yml"}
-
-KeyPath = tuple[str | int, ...]
-
-
-@dataclass
-class Ref:
-    """A string value in a config that names a file or folder we ship."""
-
-    key: KeyPath
-    value: str
-    target: Path  # resolved absolute path
+# Keys of a station config that name files the bundle must carry (StationConfig fields).
+PROMPT_KEY = ("prompt", "image")
+MODEL_KEY = ("model",)
+# Site keys that name machine-local secrets: never bundled, so they must be absolute paths.
+SITE_LOCAL_KEYS = (
+    ("broker", "tls", "ca"),
+    ("broker", "tls", "cert"),
+    ("broker", "tls", "key"),
+    ("broker", "password_file"),
+)
 
 
 def read_yaml(path: Path) -> Any:
@@ -54,195 +49,122 @@ def read_yaml(path: Path) -> Any:
         raise LineGuardError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
 
 
+def read_mapping(path: Path, kind: str) -> dict[str, Any]:
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise LineGuardError(f"{path}: a {kind} config must be a mapping of keys")
+    return data
+
+
 def dump_yaml(data: Any) -> bytes:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode()
 
 
-def _walk(node: Any, key: KeyPath = ()) -> Iterator[tuple[KeyPath, str]]:
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _walk(v, (*key, str(k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _walk(v, (*key, i))
-    elif isinstance(node, str):
-        yield key, node
+def get_key(data: Any, key: tuple[str, ...]) -> Any:
+    node = data
+    for k in key:
+        if not isinstance(node, dict) or k not in node:
+            return None
+        node = node[k]
+    return node
 
 
-def _resolve(value: str, base: Path) -> Path | None:
-    if not value or "\n" in value or "://" in value or len(value) > 4096:
-        return None
-    p = Path(value).expanduser()
-    p = p if p.is_absolute() else base / p
-    try:
-        return p.resolve() if p.exists() else None
-    except OSError:
-        return None
-
-
-def is_artifact_dir(p: Path) -> bool:
-    return p.is_dir() and (p / MODEL_JSON).is_file()
-
-
-def file_refs(data: Any, base: Path, accept: Callable[[Path], bool]) -> list[Ref]:
-    """String values that resolve (relative to `base`) to an existing path `accept` likes."""
-    refs = []
-    for key, value in _walk(data):
-        target = _resolve(value, base)
-        if target is not None and accept(target):
-            refs.append(Ref(key, value, target))
-    return refs
-
-
-def image_refs(data: Any, base: Path) -> list[Ref]:
-    return file_refs(data, base, lambda p: p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def artifact_refs(data: Any, base: Path) -> list[Ref]:
-    return file_refs(data, base, is_artifact_dir)
-
-
-def set_key(data: Any, key: KeyPath, value: Any) -> None:
+def set_key(data: dict[str, Any], key: tuple[str, ...], value: Any) -> None:
     node = data
     for k in key[:-1]:
         node = node[k]
     node[key[-1]] = value
 
 
-def get_key(data: Any, key: KeyPath) -> Any:
-    node = data
-    for k in key:
-        node = node[k]
-    return node
-
-
-def station_id(data: Any, path: Path) -> str:
-    """The id a station states (`station_id` / `id`), else its file name."""
-    if isinstance(data, dict):
-        for k in ("station_id", "id", "station"):
-            v = data.get(k)
-            if isinstance(v, str) and v:
-                return v
-    return path.stem
-
-
-def check_prompt_hashes(data: Any, base: Path, where: Path) -> None:
-    """Where a mapping holds an image path next to a `sha256`, the image must match it."""
-    for key, value in _walk(data):
-        if not key or key[-1] == "sha256":
-            continue
-        parent = get_key(data, key[:-1]) if len(key) > 1 else data
-        if not isinstance(parent, dict) or not isinstance(parent.get("sha256"), str):
-            continue
-        target = _resolve(value, base)
-        if target is None or not target.is_file() or target.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if sha256_file(target) != parent["sha256"].lower():
-            dotted = ".".join(str(k) for k in key)
-            raise LineGuardError(f"{where}: {dotted}: {value} does not match its sha256")
-
-
-# ---- validation through the runtime's config models (when present) ------------------------------
-
-
-def _runtime_config() -> Any | None:
-    try:
-        return importlib.import_module("lineguard.runtime.config")
-    except ImportError:
+def resolve(value: Any, base: Path) -> Path | None:
+    """A config path as the runtime resolves it (relative to the YAML file's folder)."""
+    if not isinstance(value, str) or not value:
         return None
+    p = Path(os.path.expanduser(value))
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
-def _call_loader(mod: Any, names: tuple[str, ...], path: Path) -> Any | None:
-    for name in names:
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn(path)
-    return None
+def is_artifact_dir(p: Path) -> bool:
+    return p.is_dir() and (p / MODEL_JSON).is_file()
 
 
-def validate_station_file(path: Path) -> Any:
-    """Validate one station config: the runtime's model when available, else YAML + references."""
-    mod = _runtime_config()
-    if mod is not None:
-        loaded = _call_loader(mod, ("load_station", "load_station_config"), path)
-        if loaded is not None:
-            return loaded
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise LineGuardError(f"{path}: a station config must be a mapping")
-    check_prompt_hashes(data, path.parent, path)
-    return data
+def station_id(data: dict[str, Any], path: Path) -> str:
+    sid = data.get("station_id")
+    if not isinstance(sid, str) or not sid:
+        raise LineGuardError(f"{path}: station_id is missing")
+    return sid
 
 
-def validate_site_file(path: Path) -> Any:
-    mod = _runtime_config()
-    if mod is not None:
-        loaded = _call_loader(mod, ("load_site", "load_site_config"), path)
-        if loaded is not None:
-            return loaded
-    data = read_yaml(path)
-    if not isinstance(data, dict):
-        raise LineGuardError(f"{path}: a site config must be a mapping")
-    return data
+def site_station_files(data: dict[str, Any], site: Path) -> list[Path]:
+    """The station files a site's `stations` patterns match (as the runtime expands them)."""
+    patterns = data.get("stations")
+    if not isinstance(patterns, list):
+        raise LineGuardError(f"{site}: stations must be a list of files or glob patterns")
+    files: list[Path] = []
+    for pattern in patterns:
+        full = resolve(str(pattern), site.parent.absolute())
+        assert full is not None
+        matches = (
+            sorted(Path(m) for m in glob.glob(str(full)))
+            if glob.has_magic(str(pattern))
+            else ([full] if full.is_file() else [])
+        )
+        if not matches:
+            raise LineGuardError(f"{site}: stations: no file matches {pattern}")
+        files.extend(m for m in matches if m not in files)
+    return files
 
 
-def runtime_validation_available() -> bool:
-    mod = _runtime_config()
-    return mod is not None and any(
-        callable(getattr(mod, n, None)) for n in ("load_station", "load_station_config")
-    )
+def check_site_local_paths(data: dict[str, Any], site: Path) -> None:
+    for key in SITE_LOCAL_KEYS:
+        value = get_key(data, key)
+        if isinstance(value, str) and not Path(os.path.expanduser(value)).is_absolute():
+            raise LineGuardError(
+                f"{site}: {'.'.join(key)}: {value!r} must be an absolute path on the edge PC "
+                "(certificates and secrets stay on the machine, they are not bundled)"
+            )
 
 
-# ---- broker settings for publishing the bundle state ---------------------------------------------
+# ---- validation through the runtime's config models ---------------------------------------------
+
+
+def validate_station_file(path: Path, check_files: bool = True) -> Any:
+    """The runtime's StationConfig for `path`; ConfigError lists every problem with its line."""
+    from lineguard.runtime.config_loader import load_station
+
+    return load_station(path, check_files=check_files)
+
+
+def validate_site_file(path: Path, check_files: bool = True) -> Any:
+    """The runtime's LoadedSite (site plus its stations) for `path`."""
+    from lineguard.runtime.config_loader import load_site
+
+    return load_site(path, check_files=check_files)
+
+
+# ---- broker settings for deploy's own MQTT clients ---------------------------------------------
 
 
 @dataclass
 class BrokerInfo:
     host: str
-    port: int = 1883
-    prefix: str = "lineguard"
-    edge_id: str = "edge"
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    site: Any = None  # the runtime's SiteConfig when it was loaded through it
-
-
-def _attr(obj: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        if isinstance(obj, dict) and n in obj:
-            return obj[n]
-        if not isinstance(obj, dict) and hasattr(obj, n):
-            return getattr(obj, n)
-    return default
+    port: int
+    prefix: str
+    edge_id: str
+    config: Any = None  # lineguard.runtime.config.BrokerConfig: TLS and credentials
 
 
 def broker_info(site_path: Path) -> BrokerInfo | None:
-    """Broker address, prefix and edge id from a site config; None when no broker is set."""
+    """Broker, topic prefix and edge id of a site config; None when it names no broker."""
     if not site_path.is_file():
         return None
-    site = validate_site_file(site_path)
-    mqtt = _attr(site, "mqtt", "broker")
-    if mqtt is None:
+    site = validate_site_file(site_path).site
+    if site.broker is None:
         return None
-    host = _attr(mqtt, "host", "hostname", "address")
-    if not host:
-        return None
-    tls = _attr(mqtt, "tls", default=None)
-    password = _attr(mqtt, "password")
-    if hasattr(password, "get_secret_value"):
-        password = password.get_secret_value()
-    prefix = _attr(mqtt, "topic_prefix", "prefix") or _attr(site, "topic_prefix", "prefix")
-    edge = _attr(site, "edge_id", "edge") or _attr(mqtt, "edge_id") or socket.gethostname()
     return BrokerInfo(
-        host=str(host),
-        port=int(_attr(mqtt, "port", default=1883) or 1883),
-        prefix=str(prefix or "lineguard"),
-        edge_id=str(edge),
-        username=_attr(mqtt, "username", "user"),
-        password=password,
-        tls=bool(tls),
-        ca_file=_attr(tls, "ca_file", "ca", "cafile") if tls not in (None, True, False) else None,
-        site=None if isinstance(site, dict) else site,
+        host=site.broker.host,
+        port=site.broker.port,
+        prefix=site.topic_prefix,
+        edge_id=site.edge_id,
+        config=site.broker,
     )

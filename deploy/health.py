@@ -12,7 +12,6 @@ Two gates, because they can fail for different reasons:
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import subprocess
@@ -45,108 +44,107 @@ class HealthReport:
         return {"configs": self.configs, "model": self.model, "inference": self.inference}
 
 
-def check_configs(release: Path, manifest: Manifest) -> str:
-    """Validate the site and every station config; return how they were validated."""
+def check_configs(release: Path, manifest: Manifest, on_edge: bool = True) -> str:
+    """Validate the site and every station config with the runtime's loader.
+
+    `on_edge=False` (at build time) skips checking machine-local files the site names (TLS
+    certificates): they exist on the edge PC, not on the build machine.
+    """
     if manifest.site:
-        configs.validate_site_file(release / manifest.site)
+        configs.validate_site_file(release / manifest.site, check_files=on_edge)
     for st in manifest.stations:
-        configs.validate_station_file(release / st.config)
-        for p in st.prompts:
-            if not (release / p).is_file():
-                raise HealthError(f"{release / st.config}: prompt image {p} missing from release")
-    if configs.runtime_validation_available():
-        return "validated with lineguard.runtime.config"
-    return "YAML and referenced files checked (runtime config models not installed)"
+        cfg = configs.validate_station_file(release / st.config, check_files=True)
+        if cfg.station_id != st.id:
+            raise HealthError(
+                f"{release / st.config}: station_id {cfg.station_id!r}, manifest says {st.id!r}"
+            )
+    what = f"site + {len(manifest.stations)}" if manifest.site else f"{len(manifest.stations)}"
+    return f"{what} station config(s) valid (lineguard.runtime.config)"
 
 
-def _load_engine_fn() -> Any | None:
-    try:
-        mod = importlib.import_module("lineguard.runtime.engine")
-    except ImportError as exc:
-        log.info("inference engine not importable (%s): health check skips inference", exc)
-        return None
-    return getattr(mod, "load_engine", None)
-
-
-def _prompt_for(release: Path, manifest: Manifest, station: str) -> Path | None:
-    """The station's prompt image: the runtime config says which when it is installed."""
-    st = next(s for s in manifest.stations if s.id == station)
-    cfg = release / st.config
-    data = configs.read_yaml(cfg)
-    refs = configs.image_refs(data, cfg.parent)
-    prompt_refs = [r for r in refs if any("prompt" in str(k).lower() for k in r.key)]
-    chosen = (prompt_refs or refs or [None])[0]
-    return chosen.target if chosen is not None else None
-
-
-def _read_rgb(path: Path, size: list[int]):
+def _read_prompt(path: Path):
     import cv2
     import numpy as np
+    from lineguard.camera.frame import to_rgb_u8
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise HealthError(f"{path}: cannot decode prompt image")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    h, w = size
-    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    return np.ascontiguousarray(img, dtype=np.uint8)
+    image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise HealthError(f"prompt image {path}: not an image OpenCV can decode")
+    return to_rgb_u8(image, "BGR")
 
 
-def _engine_options(release: Path, manifest: Manifest, station: str) -> dict[str, Any]:
-    """backend/precision/threads a station asks for (keys as the runtime config names them)."""
-    st = next(s for s in manifest.stations if s.id == station)
-    data = configs.read_yaml(release / st.config) or {}
-    out: dict[str, Any] = {}
-    for section in (
-        data,
-        data.get("model") if isinstance(data.get("model"), dict) else {},
-        data.get("engine") if isinstance(data.get("engine"), dict) else {},
-    ):
-        for k in ("backend", "precision", "threads"):
-            if k in section and not isinstance(section[k], dict | list):
-                out[k] = section[k]
-    return out
+def _run_station(engine: Any, cfg: Any) -> dict[str, Any]:
+    """One pass over the prompt image through the runtime's own pipeline (ROI, resize, norm)."""
+    import numpy as np
+
+    prompt = _read_prompt(Path(cfg.prompt.image))
+    card, t = engine.card, cfg.thresholds
+    try:
+        from lineguard.runtime.pipeline import Pipeline, Thresholds
+    except ImportError:  # engine without the pipeline: plain encode + detect
+        import cv2
+
+        h, w = card.input_size
+        img = cv2.resize(prompt, (w, h), interpolation=cv2.INTER_AREA)
+        amap, score = engine.detect(img, engine.encode_prompt(img))
+        amap, defective = np.asarray(amap), None
+    else:
+        pipe = Pipeline(
+            engine,
+            prompt,
+            thresholds=Thresholds(
+                image=float(card.thresholds.image if t.image is None else t.image),
+                pixel=float(card.thresholds.pixel if t.pixel is None else t.pixel),
+                min_area_px=int(t.min_area_px),
+            ),
+            roi=cfg.roi,
+            ignore_masks=cfg.ignore_masks,
+        )
+        d = pipe.process(prompt)
+        amap, score, defective = np.asarray(d.score_map), d.image_score, d.defective
+    if not np.all(np.isfinite(amap)) or not np.isfinite(float(score)):
+        raise HealthError(f"station {cfg.station_id}: model output is not finite on its prompt")
+    return {"score": float(score), "prompt_defective": defective}
 
 
 def run_inference(
-    release: Path, manifest: Manifest, backend: str | None, precision: str | None, threads: int = 1
+    release: Path, manifest: Manifest, backend: str | None, precision: str | None
 ) -> dict[str, Any]:
-    """Load the model and run it once per station on its prompt image; outputs must be finite."""
-    load_engine = _load_engine_fn()
-    if load_engine is None:
-        return {"skipped": "lineguard.runtime.engine not available"}
-    import numpy as np
-
+    """Load the model as each station asks and run it once on the station's prompt image."""
+    try:
+        from lineguard.runtime.engine import load_engine
+    except ImportError as exc:
+        log.warning("inference engine not importable (%s): health check skips inference", exc)
+        return {"skipped": f"lineguard.runtime.engine not available ({exc})"}
     results: dict[str, Any] = {}
     engines: dict[tuple, Any] = {}
-    model_dir = release / MODEL_DIR
-    for st in manifest.stations:
-        opts = _engine_options(release, manifest, st.id)
-        if backend:
-            opts["backend"] = backend
-        if precision:
-            opts["precision"] = precision
-        opts.setdefault("threads", threads)
-        key = tuple(sorted(opts.items()))
-        try:
-            if key not in engines:
-                engines[key] = load_engine(model_dir, **opts)
-            engine = engines[key]
-            prompt = _prompt_for(release, manifest, st.id)
-            if prompt is None:
-                results[st.id] = {"skipped": "station config names no prompt image"}
-                continue
-            img = _read_rgb(prompt, list(engine.card.input_size))
-            tokens = engine.encode_prompt(img)
-            amap, score = engine.detect(img, tokens)
-        except LineGuardError:
-            raise
-        except Exception as exc:  # any engine failure is a failed gate, named for the operator
-            raise HealthError(f"station {st.id}: model failed to load or run ({exc!r})") from exc
-        amap = np.asarray(amap)
-        if not np.all(np.isfinite(amap)) or not np.isfinite(float(score)):
-            raise HealthError(f"station {st.id}: model output is not finite on the prompt image")
-        results[st.id] = {**{k: v for k, v in opts.items()}, "score": float(score)}
+    try:
+        for st in manifest.stations:
+            cfg = configs.validate_station_file(release / st.config)
+            opts = {
+                "backend": backend or cfg.engine,
+                "precision": precision or cfg.precision,
+                "threads": cfg.threads,
+            }
+            key = (str(cfg.model), *opts.values())
+            try:
+                if key not in engines:
+                    engines[key] = load_engine(cfg.model, **opts)
+                res = _run_station(engines[key], cfg)
+            except LineGuardError:
+                raise
+            except Exception as exc:  # any engine failure fails the gate, named for the operator
+                raise HealthError(
+                    f"station {st.id}: model failed to load or run ({exc!r})"
+                ) from exc
+            if res["prompt_defective"]:
+                log.warning("station %s: its own prompt image is judged defective", st.id)
+            results[st.id] = {**opts, **res}
+    finally:
+        for engine in engines.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
     return results
 
 
@@ -156,8 +154,12 @@ def check_release(
     inference: bool = True,
     backend: str | None = None,
     precision: str | None = None,
+    label: str | None = None,
 ) -> HealthReport:
-    """The pre-switch gate; raises HealthError (or LineGuardError from a loader) on failure."""
+    """The pre-switch gate; raises HealthError on failure.
+
+    `label` replaces the (temporary) release path in messages, so they name the release.
+    """
     report = HealthReport()
     try:
         report.configs = check_configs(release, manifest)
@@ -167,10 +169,11 @@ def check_release(
             report.inference = run_inference(release, manifest, backend, precision)
         else:
             report.inference = {"skipped": "--no-inference"}
-    except HealthError:
-        raise
     except LineGuardError as exc:
-        raise HealthError(str(exc)) from exc
+        msg = str(exc)
+        if label:
+            msg = msg.replace(str(release), label).replace(os.path.relpath(release), label)
+        raise HealthError(msg) from exc
     return report
 
 

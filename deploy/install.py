@@ -27,7 +27,14 @@ from lineguard.deploy import configs
 from lineguard.deploy.bundle import Verified, extract_verified, verify_bundle
 from lineguard.deploy.health import HealthError, check_release, run_health_cmd
 from lineguard.deploy.lock import DeployLock
-from lineguard.deploy.manifest import MANIFEST, SITE_FILE, Manifest, parse_manifest, utc_now
+from lineguard.deploy.manifest import (
+    MANIFEST,
+    SITE_FILE,
+    STATE_DIR,
+    Manifest,
+    parse_manifest,
+    utc_now,
+)
 from lineguard.runtime.artifact import sha256_file
 from lineguard.runtime.errors import LineGuardError
 
@@ -286,8 +293,15 @@ def prune(root: DeployRoot, keep: int) -> list[str]:
 
 
 def _same_release(root: DeployRoot, verified: Verified) -> bool:
+    """Same version and byte-identical files (a rebuild differs only in its build time)."""
     path = root.release(verified.manifest.version) / MANIFEST
-    return path.is_file() and path.read_bytes() == verified.manifest_bytes
+    if not path.is_file():
+        return False
+    try:
+        installed = parse_manifest(path.read_bytes(), str(path))
+    except LineGuardError:
+        return False
+    return installed.files == verified.manifest.files
 
 
 def install(bundle: str | Path, root_dir: str | Path, opts: Options) -> Result:
@@ -349,8 +363,15 @@ def _install_locked(root: DeployRoot, bundle: Path, opts: Options, entry: dict) 
         try:
             staged = tmp / "r"
             extract_verified(verified, staged)
+            # the runtime's writable state lives outside releases; relative state/ paths reach it
+            os.symlink(f"../../{STATE_DIR}", staged / STATE_DIR)
             health = check_release(
-                staged, verified.manifest, opts.inference, opts.backend, opts.precision
+                staged,
+                verified.manifest,
+                opts.inference,
+                opts.backend,
+                opts.precision,
+                label=str(release),
             )
             os.replace(staged, release)
             _fsync_dir(root.releases)

@@ -25,6 +25,9 @@ MODEL_DIR = "model"
 STATIONS_DIR = "stations"
 PROMPTS_DIR = "prompts"
 SITE_FILE = "site.yaml"
+# Not in bundles: each release gets a `state` link to <root>/state, where the runtime writes.
+STATE_DIR = "state"
+TOP_LEVEL = (MODEL_DIR, STATIONS_DIR, PROMPTS_DIR, SITE_FILE)
 # The version becomes a directory name under releases/: keep it to a safe, portable alphabet.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 

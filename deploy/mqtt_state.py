@@ -10,7 +10,6 @@ import json
 import logging
 import ssl
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -31,16 +30,27 @@ def available_topic(broker: BrokerInfo) -> str:
 
 
 def _client(broker: BrokerInfo, role: str):
+    """A paho client with the site's TLS and credentials (same rules as the runtime's link)."""
     import paho.mqtt.client as mqtt
 
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=f"lineguard-deploy-{role}-{broker.edge_id}-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv311,
     )
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
-    if broker.tls:
-        client.tls_set(ca_certs=broker.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+    cfg = broker.config
+    if cfg is not None and cfg.tls is not None:
+        ctx = ssl.create_default_context(cafile=str(cfg.tls.ca) if cfg.tls.ca else None)
+        if cfg.tls.cert is not None:
+            ctx.load_cert_chain(str(cfg.tls.cert), str(cfg.tls.key))
+        if cfg.tls.insecure:
+            ctx.check_hostname = False
+        client.tls_set_context(ctx)
+    if cfg is not None and cfg.username:
+        password = cfg.password()
+        client.username_pw_set(
+            cfg.username, password.get_secret_value() if password is not None else None
+        )
     return client
 
 
@@ -145,7 +155,3 @@ class OnlineWatcher:
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None
-
-
-def wait_ms(start: float) -> int:
-    return int((time.monotonic() - start) * 1000)

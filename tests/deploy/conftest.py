@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-
 from lineguard.deploy.bundle import build_bundle
 from lineguard.runtime.artifact import (
     GraphSpec,
@@ -126,9 +125,7 @@ def make_artifact(root: Path, nan: bool = False, name: str = "tiny") -> Path:
                 files={"prompt_encoder": "prompt_encoder.onnx", "detector": "detector.onnx"}
             )
         },
-        sha256={
-            f: sha256_file(root / f) for f in ("prompt_encoder.onnx", "detector.onnx")
-        },
+        sha256={f: sha256_file(root / f) for f in ("prompt_encoder.onnx", "detector.onnx")},
     )
     write_card(root, card)
     return root
@@ -146,12 +143,15 @@ def make_stations(root: Path, artifact: Path, ids=("st1", "st2"), seed: int = 0)
         cfg = {
             "station_id": sid,
             "line_id": "line1",
-            "camera": {"source": "folder", "path": "/srv/replay"},
+            "model": str(artifact),
+            "engine": "onnxruntime",
+            "precision": "fp32",
+            "camera": {"kind": "folder", "path": "/srv/replay"},
             "prompt": {
                 "image": f"../golden/{sid}.png",
                 "sha256": sha256_file(images / f"{sid}.png"),
             },
-            "model": {"artifact": str(artifact), "backend": "onnxruntime", "precision": "fp32"},
+            "evidence": {"save_dir": "../state/evidence"},
         }
         (stations / f"{sid}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return stations
@@ -161,16 +161,27 @@ def make_stations(root: Path, artifact: Path, ids=("st1", "st2"), seed: int = 0)
 def workspace(tmp_path: Path) -> dict[str, Path]:
     artifact = make_artifact(tmp_path / "src" / "artifact")
     stations = make_stations(tmp_path / "src", artifact)
-    return {"tmp": tmp_path, "artifact": artifact, "stations": stations}
+    site = write_site(tmp_path / "src" / "site.yaml")
+    return {"tmp": tmp_path, "artifact": artifact, "stations": stations, "site": site}
 
 
 @pytest.fixture
 def make_bundle(workspace: dict[str, Path]) -> Callable[..., Path]:
-    def _make(version: str, sign: Path | None = None, site: Path | None = None,
-              artifact: Path | None = None) -> Path:
+    def _make(
+        version: str,
+        sign: Path | None = None,
+        site: Path | None = None,
+        artifact: Path | None = None,
+    ) -> Path:
         out = workspace["tmp"] / "bundles" / f"lineguard-{version}.tar.gz"
-        build_bundle(artifact or workspace["artifact"], workspace["stations"], version, out,
-                     site=site, sign_key=sign)
+        build_bundle(
+            artifact or workspace["artifact"],
+            workspace["stations"],
+            version,
+            out,
+            site=site or workspace["site"],
+            sign_key=sign,
+        )
         return out
 
     return _make
@@ -218,8 +229,9 @@ def deploy_broker(tmp_path: Path) -> Iterator[tuple[str, int]]:
     port = _free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -235,12 +247,12 @@ def deploy_broker(tmp_path: Path) -> Iterator[tuple[str, int]]:
     proc.wait(timeout=10)
 
 
-def write_site(path: Path, host: str, port: int, edge: str = "edge-a") -> Path:
-    path.write_text(yaml.safe_dump({
-        "edge_id": edge,
-        "mqtt": {"host": host, "port": port, "topic_prefix": "lgtest"},
-        "stations": "stations",
-    }))
+def write_site(path: Path, host: str | None = None, port: int = 1883, edge: str = "edge-a") -> Path:
+    """A site config next to the source `stations/` folder, optionally with a broker."""
+    data = {"edge_id": edge, "topic_prefix": "lgtest", "stations": ["stations/*.yaml"]}
+    if host is not None:
+        data["broker"] = {"host": host, "port": port}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import stat
 import tarfile
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import cli, make_artifact
-
 from lineguard.deploy.bundle import build_bundle, verify_bundle
 from lineguard.deploy.signing import generate_keypair
 from lineguard.runtime.artifact import sha256_file
@@ -53,8 +51,12 @@ def test_build_is_self_contained_and_verifies(workspace, make_bundle):
     # the station config now points inside the bundle, and the image bytes came along
     cfg = yaml.safe_load(files["stations/st1.yaml"])
     assert cfg["prompt"]["image"] == "../prompts/st1/st1.png"
-    assert cfg["model"]["artifact"] == "../model"
+    assert cfg["model"] == "../model"
     assert cfg["camera"]["path"] == "/srv/replay"  # site-local paths stay as they are
+    assert cfg["evidence"]["save_dir"] == "../state/evidence"
+    site = yaml.safe_load(files["site.yaml"])
+    assert site["stations"] == ["stations/st1.yaml", "stations/st2.yaml"]
+    assert site["edge_id"] == "edge-a"
     src = (workspace["tmp"] / "src" / "golden" / "st1.png").read_bytes()
     assert files["prompts/st1/st1.png"] == src
 
@@ -65,9 +67,21 @@ def test_cli_build_sign_verify(workspace, tmp_path):
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     out = tmp_path / "b.tar.gz"
-    r = cli("bundle", "build", "--artifact", str(workspace["artifact"]), "--stations",
-            str(workspace["stations"]), "--version", "2.0", "--sign", str(key), "--out", str(out),
-            "--json")
+    r = cli(
+        "bundle",
+        "build",
+        "--artifact",
+        str(workspace["artifact"]),
+        "--stations",
+        str(workspace["stations"]),
+        "--version",
+        "2.0",
+        "--sign",
+        str(key),
+        "--out",
+        str(out),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["signed"] is True
     r = cli("bundle", "verify", str(out), "--pubkey", f"{key}.pub")
@@ -184,7 +198,7 @@ def test_build_refuses_a_station_naming_another_model(workspace, tmp_path):
     other = make_artifact(tmp_path / "other", name="other")
     cfg_path = workspace["stations"] / "st2.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["model"]["artifact"] = str(other)
+    cfg["model"] = str(other)
     cfg_path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(LineGuardError, match="one bundle holds one model"):
         build_bundle(workspace["artifact"], workspace["stations"], "1", tmp_path / "x.tar.gz")
@@ -195,7 +209,9 @@ def test_build_refuses_a_prompt_that_does_not_match_its_sha256(workspace, tmp_pa
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["prompt"]["sha256"] = "0" * 64
     cfg_path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(LineGuardError, match=r"st1\.yaml.*does not match its sha256"):
+    with pytest.raises(
+        LineGuardError, match=r"src/stations/st1\.yaml:\d+: prompt\.sha256: .*config says 0{64}"
+    ):
         build_bundle(workspace["artifact"], workspace["stations"], "1", tmp_path / "x.tar.gz")
 
 
@@ -205,13 +221,54 @@ def test_unsafe_versions_are_refused(workspace, tmp_path, version):
         build_bundle(workspace["artifact"], workspace["stations"], version, tmp_path / "x.tgz")
 
 
-def test_site_config_paths_are_rewritten(workspace, tmp_path):
+def test_site_listing_a_station_outside_the_bundle_is_refused(workspace, tmp_path):
     site = tmp_path / "site.yaml"
-    site.write_text(yaml.safe_dump({"edge_id": "e1", "stations": str(workspace["stations"]),
-                                    "mqtt": {"host": "localhost"}}))
-    out = build_bundle(workspace["artifact"], workspace["stations"], "1", tmp_path / "b.tgz",
-                       site=site).path
-    files = _members(out)
-    assert yaml.safe_load(files["site.yaml"])["stations"] == "stations"
-    assert verify_bundle(out).manifest.site == "site.yaml"
-    os.remove(out)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text((workspace["stations"] / "st1.yaml").read_text())
+    site.write_text(yaml.safe_dump({"edge_id": "e1", "stations": [str(extra)]}))
+    with pytest.raises(LineGuardError, match="not among the bundled --stations"):
+        build_bundle(
+            workspace["artifact"], workspace["stations"], "1", tmp_path / "b.tgz", site=site
+        )
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "message"),
+    [
+        ("site", ("outbox", "path"), "outbox.sqlite", "read-only release"),
+        ("site", ("audit_log",), "../audit.jsonl", "read-only release"),
+        ("station", ("evidence", "save_dir"), "evidence", "read-only release"),
+        ("site", ("broker", "tls", "ca"), "ca.pem", "absolute path on the edge PC"),
+    ],
+)
+def test_paths_the_release_cannot_hold_are_refused(workspace, tmp_path, where, key, value, message):
+    path = workspace["site"] if where == "site" else workspace["stations"] / "st1.yaml"
+    data = yaml.safe_load(path.read_text())
+    if key[0] == "broker":
+        data["broker"] = {"host": "localhost"}
+    node = data
+    for k in key[:-1]:
+        node = node.setdefault(k, {})
+    node[key[-1]] = value
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(LineGuardError, match=message):
+        build_bundle(
+            workspace["artifact"],
+            workspace["stations"],
+            "1",
+            tmp_path / "b.tgz",
+            site=workspace["site"],
+        )
+
+
+def test_invalid_station_config_is_refused_with_file_and_line(workspace, tmp_path):
+    path = workspace["stations"] / "st2.yaml"
+    path.write_text(path.read_text() + "treshold: 3\n")
+    with pytest.raises(LineGuardError, match=r"stations/st2\.yaml:\d+: treshold"):
+        build_bundle(
+            workspace["artifact"],
+            workspace["stations"],
+            "1",
+            tmp_path / "b.tgz",
+            site=workspace["site"],
+        )
