@@ -58,6 +58,7 @@ class FrameQueue:
             if block:
                 self._cv.wait_for(lambda: len(self._items) < self.size or self._closed)
             if self._closed:
+                self.dropped += 1  # captured while shutting down: discarded, still counted
                 return
             if len(self._items) >= self.size:
                 self.dropped += 1
@@ -193,14 +194,15 @@ class Station:
     def stop(self, reason: str = "stopped", timeout: float = 5.0) -> None:
         """Stop capture and inference (queued frames are discarded) and report offline."""
         self._stop.set()
+        self.queue.close()  # first: wakes a capture thread blocked on back pressure
         self.camera.stop(timeout)
-        self.queue.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self._set_state("offline", reason)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until a finite source has ended and every queued frame was inspected."""
+        """Block until inference has finished: a finite source ended and every queued frame was
+        inspected (or the station was stopped). False on timeout."""
         return self._done.wait(timeout)
 
     @property

@@ -227,6 +227,20 @@ def test_slow_inference_drops_frames_and_counts_every_one(tmp_path, drop):
     assert s["frames"] == len(seen)
 
 
+def test_stop_during_back_pressured_replay_is_prompt(tmp_path):
+    folder = _write(tmp_path / "cam", "N" * 30)
+    rec = Recorder()
+    st = _station(_cfg(tmp_path, folder), rec, RedEngine(delay_s=0.05)).start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    st.stop()
+    assert time.monotonic() - t0 < 2.0  # the capture thread blocked on a full queue is woken
+    s = st.stats()
+    assert 0 < s["frames"] < 30
+    assert s["frames_captured"] == s["frames"] + s["dropped_frames"] + s["queue_depth"]
+    assert rec.statuses[-1] == ("offline", "stopped")
+
+
 def test_frame_queue_policies():
     q = FrameQueue(2, "oldest")
     for i in range(5):
