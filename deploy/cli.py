@@ -134,7 +134,7 @@ def _result(args: argparse.Namespace, res) -> int:
         human += f"\n  published on {res.published}"
     for station, r in (res.health.get("inference") or {}).items():
         if isinstance(r, dict) and "score" in r:
-            human += f"\n  health {station}: ran on prompt, raw score {r['score']:.4g}"
+            human += f"\n  health {station}: ran on its prompt image, score {r['score']:.4g}"
     _print(args, data, human)
     return 0
 

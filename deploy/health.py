@@ -131,8 +131,8 @@ def run_inference(
                 if key not in engines:
                     engines[key] = load_engine(cfg.model, **opts)
                 res = _run_station(engines[key], cfg)
-            except LineGuardError:
-                raise
+            except LineGuardError as exc:
+                raise HealthError(f"station {st.id}: {exc}") from exc
             except Exception as exc:  # any engine failure fails the gate, named for the operator
                 raise HealthError(
                     f"station {st.id}: model failed to load or run ({exc!r})"
