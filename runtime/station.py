@@ -128,6 +128,8 @@ class Station:
         self.station_id, self.line_id, self.edge_id = cfg.station_id, cfg.line_id, edge_id
         self.on_event, self.on_status = on_event, on_status
         self.evidence_topic = evidence_topic
+        prompt, self.prompt_sha256 = _read_prompt(cfg.prompt.image, cfg.prompt.sha256)
+        self._owns_engine = engine is None
         if engine is None:
             from lineguard.runtime.engine import load_engine  # heavy; only when really needed
 
@@ -136,7 +138,6 @@ class Station:
             )
         self.engine = engine
         card = engine.card
-        prompt, self.prompt_sha256 = _read_prompt(cfg.prompt.image, cfg.prompt.sha256)
         self.model_sha256 = _model_sha256(cfg.model, card)
         t = cfg.thresholds
         self.pipeline = Pipeline(
@@ -198,6 +199,9 @@ class Station:
         self.camera.stop(timeout)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        if self._owns_engine and hasattr(self.engine, "close"):
+            self.engine.close()
+            self._owns_engine = False
         self._set_state("offline", reason)
 
     def wait(self, timeout: float | None = None) -> bool:
