@@ -215,6 +215,8 @@ class MqttLink:
                     return "TCP connected on a retry; the first attempt failed"
                 with self._ssl_context.wrap_socket(sock, server_hostname=b.host):
                     return "TLS handshake succeeded on a retry; the first attempt failed"
+        except ssl.SSLCertVerificationError as exc:
+            return f"TLS certificate verify failed: {exc.verify_message} (check tls.ca)"
         except ssl.SSLError as exc:
             return f"TLS handshake failed: {exc.reason or exc}"
         except OSError as exc:
