@@ -165,8 +165,6 @@ class QueueConfig(_Strict):
     )
 
 
-
-
 def _fraction(v: float) -> float:
     if not 0.0 <= v <= 1.0:
         raise ValueError("coordinates are fractions of the frame, between 0 and 1")

@@ -51,6 +51,7 @@ class MqttLink:
         self.last_error: str | None = None
         self.connects = 0  # successful CONNACKs since start
         self._connected = threading.Event()
+        self._stopping = False
         self._last_logged: tuple[str | None, float] = (None, 0.0)
         self._ssl_context: ssl.SSLContext | None = None
         self._client = self._build_client()
@@ -103,6 +104,7 @@ class MqttLink:
 
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None, timeout: float = 3.0):
         """Publish `final` (topic, payload, retain) and `offline`, wait for them, disconnect."""
+        self._stopping = True
         if self.connected:
             infos = [self._client.publish(t, p, qos=1, retain=r) for t, p, r in final or []]
             infos.append(self._client.publish(self.available_topic, b"offline", 1, retain=True))
@@ -174,7 +176,9 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self.connected
         self._connected.clear()
-        if was:
+        if self._stopping:
+            log.info("MQTT: disconnected")
+        elif was:
             log.warning("MQTT: disconnected (%s); paho reconnects", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:

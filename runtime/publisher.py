@@ -51,7 +51,7 @@ class OutboxPublisher:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        self._flush_acks()
+        self.flush_acks()
 
     @property
     def in_flight(self) -> int:
@@ -68,7 +68,7 @@ class OutboxPublisher:
             self._wake.wait(0.05 if self._inflight else 1.0)
             self._wake.clear()
             try:
-                self._flush_acks()
+                self.flush_acks()
                 if time.monotonic() - last_prune > self.prune_every_s:
                     self.outbox.prune_expired()
                     last_prune = time.monotonic()
@@ -78,7 +78,8 @@ class OutboxPublisher:
                 log.exception("outbox publisher: unexpected error; retrying in 1 s")
                 time.sleep(1.0)
 
-    def _flush_acks(self) -> None:
+    def flush_acks(self) -> None:
+        """Delete the rows the broker has acknowledged (PUBACK) since the last call."""
         done = [row for row, info in self._inflight.items() if info.is_published()]
         if done:
             self.outbox.ack(done)

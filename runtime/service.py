@@ -168,8 +168,9 @@ class Service:
         self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
         self._stats_thread.start()
 
-    def stop(self) -> None:
-        """Stop stations, mark every station offline (retained), flush, close."""
+    def stop(self, drain_s: float = 3.0) -> None:
+        """Stop stations, publish what the broker takes within `drain_s`, mark every station
+        offline (retained), close. Undelivered events stay in the outbox for the next start."""
         self._stop.set()
         for slot in self.slots.values():
             if slot.station is not None:
@@ -181,6 +182,11 @@ class Service:
         if self._stats_thread is not None:
             self._stats_thread.join(5.0)
         if self.publisher is not None:
+            # Give the broker a moment to take what is queued; the rest stays in the outbox.
+            deadline = time.monotonic() + drain_s
+            while self.link.connected and self.outbox.depth() and time.monotonic() < deadline:
+                self.publisher.wake()
+                time.sleep(0.05)
             self.publisher.stop()
         if self.link is not None:
             final = [
@@ -188,6 +194,9 @@ class Service:
                 for t, p in (self._status_message(s) for s in self.slots.values())
             ]
             self.link.stop(final)
+            self.publisher.flush_acks()  # PUBACKs that arrived while stopping
+            if self.outbox.depth():
+                log.info("outbox: %d message(s) kept for the next start", self.outbox.depth())
         if self.outbox is not None:
             self.outbox.close()
 

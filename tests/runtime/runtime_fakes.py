@@ -5,7 +5,7 @@ artifact): it makes the same callbacks with real payload builders, and decides "
 its live thresholds, so threshold commands visibly change decisions. The broker is always real.
 
 Run as a script it is the publishing process of the SIGKILL test:
-`python runtime_fakes.py SITE_FILE PREFIX COUNT INTERVAL_S COMMITTED_LOG [--drain]`.
+`python runtime_fakes.py SITE_FILE PREFIX COUNT INTERVAL_S COMMITTED_LOG [--drain] [--run]`.
 """
 
 from __future__ import annotations
@@ -206,7 +206,13 @@ def write_site(
 
 
 def _child(
-    site_file: str, prefix: str, count: int, interval: float, log_path: str, drain: bool
+    site_file: str,
+    prefix: str,
+    count: int,
+    interval: float,
+    log_path: str,
+    drain: bool,
+    until_signal: bool = False,
 ) -> int:
     """Publishing process for the SIGKILL test: emits events with ids `<prefix>`-derived, logs
     each id after `submit_event` returned (i.e. after the outbox commit)."""
@@ -221,6 +227,18 @@ def _child(
     service = Service(
         load_site(site_file, check_files=False), station_factory=factory, strict_schemas=True
     )
+    if until_signal:  # `lineguard run` behaviour: run until SIGTERM/SIGINT, then stop cleanly
+
+        def feed() -> None:
+            while not stations or not stations[0].started:
+                time.sleep(0.01)
+            for i in range(count):
+                stations[0].feed(5.0, event_id=f"{prefix}{i:012x}")
+                time.sleep(interval)
+            Path(log_path).write_text("fed\n")
+
+        threading.Thread(target=feed, daemon=True).start()
+        return service.run_forever()
     service.start()
     with open(log_path, "a", encoding="utf-8") as log:
         for i in range(count):
@@ -239,5 +257,8 @@ def _child(
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     a = sys.argv[1:]
-    sys.exit(_child(a[0], a[1], int(a[2]), float(a[3]), a[4], "--drain" in a))
+    sys.exit(_child(a[0], a[1], int(a[2]), float(a[3]), a[4], "--drain" in a, "--run" in a))

@@ -267,3 +267,11 @@ def test_edge_modules_do_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_run_refuses_a_bad_site_before_starting(site_dir):
+    (site_dir / "site.yaml").write_text(SITE.replace("edge_id: edge1", "edge_id: edge 1"))
+    result = _cli("run", "--site", "site.yaml", cwd=site_dir)
+    assert result.returncode == 1
+    assert "site.yaml:1: edge_id: String should match pattern" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -179,3 +179,36 @@ def test_sigkill_with_broker_up_sets_last_will_and_restart_delivers(tmp_path, mo
         assert len(set(sub.event_ids()) - expected) <= 1
     finally:
         sub.close()
+
+
+def test_sigterm_stops_cleanly(tmp_path, mosquitto):
+    """`run_forever` (what `lineguard run` calls) on SIGTERM: exit 0, every event delivered,
+    stations and edge marked offline (retained)."""
+    site = write_site(tmp_path, {"host": "127.0.0.1", "port": mosquitto.port})
+    sub = Collector("127.0.0.1", mosquitto.port, ["lineguard/#"], client_id="term-collector")
+    fed = tmp_path / "fed.log"
+    try:
+        args = [
+            sys.executable,
+            str(HERE / "runtime_fakes.py"),
+            str(site),
+            "0190aaaa-bbbb-7ccc-aaaa-",
+            "50",
+            "0.002",
+            str(fed),
+            "--run",
+        ]
+        child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not fed.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sub.wait_for(lambda c: c.last("lineguard/edge1/available") == b"online", 10)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=30)
+        assert child.returncode == 0, err.decode()[-3000:]
+        assert b"signal SIGTERM: stopping" in err
+        assert sub.wait_for(lambda c: len(set(c.event_ids())) == 50, 10)
+        assert sub.wait_for(lambda c: c.last("lineguard/edge1/available") == b"offline", 10)
+        assert b'"state":"offline"' in sub.last("lineguard/line1/s1/status")
+    finally:
+        sub.close()
