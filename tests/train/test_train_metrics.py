@@ -15,6 +15,7 @@ from lineguard.train.metrics import (
     mean_metrics,
     pixel_ap,
     pixel_auroc,
+    pixel_metrics,
     pro_curve,
     resize_masks,
     std_metrics,
@@ -149,3 +150,23 @@ def test_mean_and_std_skip_nan():
     mean = mean_metrics({"a": a, "b": b})
     assert mean["image_auroc"] == pytest.approx(0.7) and mean["aupro"] == pytest.approx(0.8)
     assert std_metrics([a, b])["image_auroc"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decimals", [2, None])
+def test_one_sort_pixel_metrics_equal_sklearn(decimals, dtype):
+    rng = np.random.default_rng(7)
+    masks = (rng.random((5, 16, 16)) < 0.1).astype(np.uint8)
+    masks[2] = 0  # a normal image
+    maps = rng.random(masks.shape) + 0.5 * masks - 0.6  # negative scores too
+    if decimals is not None:
+        maps = np.round(maps, decimals)  # many ties, also across positives and negatives
+    maps = maps.astype(dtype)
+    maps[0, 0, :3] = [0.0, -0.0, 0.0]
+    fast = pixel_metrics(masks, maps)
+    assert fast["pixel_auroc"] == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+    assert fast["pixel_ap"] == pytest.approx(pixel_ap(masks, maps), abs=1e-12)
+    assert fast["aupro"] == pytest.approx(aupro(masks, maps), abs=1e-12)
+    assert math.isnan(pixel_metrics(np.zeros_like(masks), maps)["pixel_ap"])
+    with pytest.raises(ValueError, match="NaN"):
+        pixel_metrics(masks, np.full(masks.shape, np.nan))
