@@ -18,6 +18,8 @@ again while writing, so a bundle swapped between verify and unpack cannot slip t
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import logging
@@ -58,7 +60,11 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_MANIFEST = 16 << 20
-_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+# The exact gzip header `write_archive` produces (no name, mtime 0, level 9, OS unknown). Checking
+# it means a changed byte anywhere fails: header here, body by the CRC and the manifest hashes,
+# trailer by reading the stream to its end.
+GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
 
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -213,7 +219,8 @@ def write_archive(stage: Path, manifest: Manifest, out: Path, signature: bytes |
     try:
         with (
             os.fdopen(fd, "wb") as raw,
-            tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
         ):
             _add_bytes(tar, MANIFEST, manifest.to_bytes(), mtime)
             if signature is not None:
@@ -290,21 +297,33 @@ def safe_member_name(member: tarfile.TarInfo, where: str) -> str:
     return "/".join(parts)
 
 
-def _members(path: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, str]]:
-    where = str(path)
+def _members(tar: tarfile.TarFile, where: str) -> Iterator[tuple[tarfile.TarInfo, str]]:
     seen: set[str] = set()
+    for m in tar:
+        name = safe_member_name(m, where)
+        if m.isdir():
+            continue
+        if name in seen:
+            raise LineGuardError(f"{where}: archive entry {name!r} appears twice")
+        seen.add(name)
+        yield m, name
+
+
+@contextlib.contextmanager
+def _open_archive(path: Path) -> Iterator[tuple[tarfile.TarFile, Iterator]]:
+    """Open a bundle for one pass; any decompression or tar error anywhere in the `with`
+    body (also while reading a member's bytes) becomes one clear LineGuardError."""
+    where = str(path)
     try:
+        with open(path, "rb") as f:
+            if f.read(len(GZIP_HEADER)) != GZIP_HEADER:
+                raise LineGuardError(
+                    f"{where}: not a bundle written by `lineguard bundle build` (gzip header)"
+                )
         with tarfile.open(path, mode="r:gz") as tar:
-            for m in tar:
-                name = safe_member_name(m, where)
-                if m.isdir():
-                    continue
-                if name in seen:
-                    raise LineGuardError(f"{where}: archive entry {name!r} appears twice")
-                seen.add(name)
-                yield tar, m, name
-    except LineGuardError:
-        raise
+            yield tar, _members(tar, where)
+            while tar.fileobj.read(CHUNK):  # to the end: the gzip CRC covers every byte
+                pass
     except _ARCHIVE_ERRORS as exc:
         raise LineGuardError(f"{where}: corrupt or truncated bundle archive ({exc})") from exc
 
@@ -357,13 +376,14 @@ def verify_bundle(
     manifest_bytes: bytes | None = None
     signature: bytes | None = None
     got: dict[str, tuple[str, int]] = {}
-    for tar, m, name in _members(path):
-        if name == MANIFEST:
-            manifest_bytes = _read_small(tar, m, where)
-        elif name == SIGNATURE:
-            signature = _read_small(tar, m, where)
-        else:
-            got[name] = _stream(tar, m)
+    with _open_archive(path) as (tar, members):
+        for m, name in members:
+            if name == MANIFEST:
+                manifest_bytes = _read_small(tar, m, where)
+            elif name == SIGNATURE:
+                signature = _read_small(tar, m, where)
+            else:
+                got[name] = _stream(tar, m)
     if manifest_bytes is None:
         raise LineGuardError(f"{where}: not a LineGuard bundle (no manifest.json)")
     manifest = parse_manifest(manifest_bytes, where)
@@ -409,28 +429,33 @@ def extract_verified(verified: Verified, dest: Path) -> None:
     root = dest.resolve()
     written: set[str] = set()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    for tar, m, name in _members(verified.path):
-        if name not in files and name not in (MANIFEST, SIGNATURE):
-            raise LineGuardError(f"{where}: {name} is not in the verified manifest")
-        target = (root / name).resolve()
-        if root not in target.parents:
-            raise LineGuardError(f"{where}: {name} would be written outside {dest}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(os.open(target, flags, 0o644), "wb") as out:
-            if name in (MANIFEST, SIGNATURE):
-                data = _read_small(tar, m, where)
-                if name == MANIFEST and data != verified.manifest_bytes:
-                    raise LineGuardError(f"{where}: manifest.json changed since it was verified")
-                if name == SIGNATURE and not verified.signed:
-                    raise LineGuardError(f"{where}: a signature appeared since verification")
-                out.write(data)
-            else:
-                digest, size = _stream(tar, m, out)
-                if (digest, size) != (files[name].sha256, files[name].size):
-                    raise LineGuardError(f"{where}: {name} changed since the bundle was verified")
-            out.flush()
-            os.fsync(out.fileno())
-        written.add(name)
+    with _open_archive(verified.path) as (tar, members):
+        for m, name in members:
+            if name not in files and name not in (MANIFEST, SIGNATURE):
+                raise LineGuardError(f"{where}: {name} is not in the verified manifest")
+            target = (root / name).resolve()
+            if root not in target.parents:
+                raise LineGuardError(f"{where}: {name} would be written outside {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with os.fdopen(os.open(target, flags, 0o644), "wb") as out:
+                if name in (MANIFEST, SIGNATURE):
+                    data = _read_small(tar, m, where)
+                    if name == MANIFEST and data != verified.manifest_bytes:
+                        raise LineGuardError(
+                            f"{where}: manifest.json changed since it was verified"
+                        )
+                    if name == SIGNATURE and not verified.signed:
+                        raise LineGuardError(f"{where}: a signature appeared since verification")
+                    out.write(data)
+                else:
+                    digest, size = _stream(tar, m, out)
+                    if (digest, size) != (files[name].sha256, files[name].size):
+                        raise LineGuardError(
+                            f"{where}: {name} changed since the bundle was verified"
+                        )
+                out.flush()
+                os.fsync(out.fileno())
+            written.add(name)
     missing = sorted(set(files) - written)
     if missing:
         raise LineGuardError(f"{where}: {missing[0]} missing while unpacking")

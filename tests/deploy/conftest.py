@@ -259,3 +259,26 @@ def write_site(path: Path, host: str | None = None, port: int = 1883, edge: str 
 def history(root: Path) -> list[dict]:
     f = root / "deploy-history.jsonl"
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def flip_one_byte(path: Path, out: Path, start: float = 0.5) -> Path:
+    """Copy `path` to `out` with one byte changed, from `start` (fraction of the size) on.
+
+    A few bit positions of a deflate stream carry no information (padding after the last
+    block, codes for unused symbols); skip those so the change is one the content sees.
+    """
+    import gzip
+
+    data = path.read_bytes()
+    plain = gzip.decompress(data)
+    for pos in range(int(len(data) * start), len(data)):
+        changed = bytearray(data)
+        changed[pos] ^= 0x10
+        try:
+            same = gzip.decompress(bytes(changed)) == plain
+        except (OSError, EOFError, ValueError):
+            same = False
+        if not same:
+            out.write_bytes(bytes(changed))
+            return out
+    raise AssertionError("no byte of the archive matters?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import stat
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, make_artifact
+from conftest import cli, flip_one_byte, make_artifact
 from lineguard.deploy.bundle import build_bundle, verify_bundle
 from lineguard.deploy.signing import generate_keypair
 from lineguard.runtime.artifact import sha256_file
@@ -22,9 +23,14 @@ def _members(bundle: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
 
 
-def _repack(bundle: Path, out: Path, members: dict[str, bytes], extra=()) -> Path:
-    """Write `members` (name -> bytes) plus raw TarInfo `extra` entries into a new tar.gz."""
-    with tarfile.open(out, "w:gz") as tar:
+def _repack(out: Path, members: dict[str, bytes], extra=()) -> Path:
+    """Write `members` (name -> bytes) plus raw TarInfo `extra` entries as a bundle would be
+    written (same gzip header), so only the content differs from a real one."""
+    with (
+        open(out, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -99,14 +105,22 @@ def test_unsigned_bundle_fails_when_a_key_is_required(make_bundle, tmp_path):
         verify_bundle(make_bundle("1"), pub)
 
 
-def test_one_changed_byte_in_the_archive_fails(make_bundle, tmp_path):
-    bundle = make_bundle("1")
-    data = bytearray(bundle.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    bad = tmp_path / "bad.tar.gz"
-    bad.write_bytes(bytes(data))
-    with pytest.raises(LineGuardError):
+@pytest.mark.parametrize("where", [0.0, 0.33, 0.5, 0.9])
+def test_one_changed_byte_in_the_archive_fails(make_bundle, tmp_path, where):
+    bad = flip_one_byte(make_bundle("1"), tmp_path / "bad.tar.gz", where)
+    with pytest.raises(LineGuardError, match=r"bad\.tar\.gz: (corrupt|not a bundle)"):
         verify_bundle(bad)
+
+
+def test_changed_gzip_header_or_appended_bytes_fail(make_bundle, tmp_path):
+    data = make_bundle("1").read_bytes()
+    bad = tmp_path / "bad.tar.gz"
+    stamped = bytearray(data)
+    stamped[4] = 0x01  # gzip mtime: means nothing to the content, still not our bundle
+    for variant in (bytes(stamped), data + b"x", data[:-1]):
+        bad.write_bytes(variant)
+        with pytest.raises(LineGuardError):
+            verify_bundle(bad)
 
 
 def test_one_changed_byte_in_a_file_fails_naming_it(make_bundle, tmp_path):
@@ -114,7 +128,7 @@ def test_one_changed_byte_in_a_file_fails_naming_it(make_bundle, tmp_path):
     body = bytearray(members["model/detector.onnx"])
     body[-1] ^= 0xFF
     members["model/detector.onnx"] = bytes(body)
-    bad = _repack(None, tmp_path / "bad.tar.gz", members)
+    bad = _repack(tmp_path / "bad.tar.gz", members)
     with pytest.raises(LineGuardError, match=r"model/detector\.onnx does not match its sha256"):
         verify_bundle(bad)
 
@@ -127,7 +141,7 @@ def test_rewritten_manifest_breaks_the_signature(make_bundle, workspace, tmp_pat
     manifest = json.loads(members["manifest.json"])
     manifest["files"]["model/detector.onnx"] = {"sha256": sha256_file_bytes(b"evil"), "size": 4}
     members["manifest.json"] = json.dumps(manifest).encode()
-    bad = _repack(None, tmp_path / "bad.tar.gz", members)
+    bad = _repack(tmp_path / "bad.tar.gz", members)
     verify_bundle(bad)  # hashes are consistent ...
     with pytest.raises(LineGuardError, match="signature does not match"):
         verify_bundle(bad, pub)  # ... but the signature is not
@@ -180,7 +194,7 @@ def test_hostile_archive_entries_are_refused(make_bundle, tmp_path, kind, messag
         info = tarfile.TarInfo("./model/model.json")
         info.size = len(data)
         extra.append((info, data))
-    bad = _repack(None, tmp_path / "bad.tar.gz", members, extra)
+    bad = _repack(tmp_path / "bad.tar.gz", members, extra)
     with pytest.raises(LineGuardError, match=message):
         verify_bundle(bad)
 

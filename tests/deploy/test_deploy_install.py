@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LINEGUARD, cli, history, tree
+from conftest import LINEGUARD, cli, flip_one_byte, history, tree
 from lineguard.deploy.bundle import stage_bundle, write_archive
 from lineguard.deploy.health import HealthError
 from lineguard.deploy.install import Options, install, rollback, status
@@ -58,10 +58,7 @@ def test_bad_bundle_changes_nothing(make_bundle, tmp_path, fault):
     install(make_bundle("1", sign=key), root, _opts(pubkey=pub))
     before = tree(root)
     if fault == "byte":
-        bad = make_bundle("2", sign=key)
-        data = bytearray(bad.read_bytes())
-        data[len(data) // 3] ^= 0x10
-        bad.write_bytes(bytes(data))
+        bad = flip_one_byte(make_bundle("2", sign=key), tmp_path / "bad.tar.gz", 0.33)
     else:
         other, _ = generate_keypair(tmp_path / "other")
         bad = make_bundle("2", sign=other)
