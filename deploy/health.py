@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,21 +179,28 @@ def check_release(
 
 
 def run_health_cmd(cmd: str, env: dict[str, str], timeout: float) -> None:
-    """Run an operator's health hook through the shell; a non-zero exit fails the gate."""
-    try:
-        proc = subprocess.run(
-            cmd,
-            shell=True,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise HealthError(f"health command timed out after {timeout:g}s: {cmd}") from exc
+    """Run an operator's health hook through the shell; a non-zero exit fails the gate.
+
+    Output goes to temporary files, not pipes: a hook that starts something in the background
+    (which inherits them) must not keep deploy waiting for end-of-file.
+    """
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.run(
+                cmd,
+                shell=True,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise HealthError(f"health command timed out after {timeout:g}s: {cmd}") from exc
+        out.seek(0)
+        text = out.read().decode(errors="replace")
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        tail = " | ".join(text.strip().splitlines()[-3:])
         raise HealthError(
-            f"health command exited {proc.returncode}: {cmd}"
-            + (f": {' | '.join(tail)}" if tail else "")
+            f"health command exited {proc.returncode}: {cmd}" + (f": {tail}" if tail else "")
         )

@@ -110,3 +110,70 @@ def test_wait_online_needs_a_broker(make_bundle, tmp_path):
     with pytest.raises(HealthError, match="names no MQTT broker"):
         install(make_bundle("1"), tmp_path / "root", Options(inference=False, wait_online="yes"))
     assert not (tmp_path / "root" / "current").exists()
+
+
+def test_installed_release_runs_from_current(deploy_broker, workspace, tmp_path):
+    """End to end: install, and the real runtime started from `current` (here by the health
+    hook, on an edge PC by systemd) reports online; its state lands in <root>/state, never in
+    the read-only release."""
+    pytest.importorskip("lineguard.runtime.engine")
+    import signal
+    import subprocess
+
+    import cv2
+    import numpy as np
+    import yaml
+    from conftest import LINEGUARD
+    from lineguard.deploy.bundle import build_bundle
+
+    host, port = deploy_broker
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "0.png"), np.zeros((24, 24, 3), np.uint8))
+    for f in workspace["stations"].glob("*.yaml"):
+        cfg = yaml.safe_load(f.read_text())
+        cfg["camera"] = {"kind": "folder", "path": str(frames), "fps": 5, "loop": True}
+        f.write_text(yaml.safe_dump(cfg))
+    site = write_site(workspace["tmp"] / "src" / "site.yaml", host, port)
+    bundle = build_bundle(
+        workspace["artifact"], workspace["stations"], "1", tmp_path / "b.tar.gz", site=site
+    ).path
+    root, pidfile = tmp_path / "root", tmp_path / "run.pid"
+    hook = (
+        f'{LINEGUARD} run --site "$LINEGUARD_ROOT/current/site.yaml" '
+        f"> {tmp_path}/run.log 2>&1 & echo $! > {pidfile}"
+    )
+    try:
+        r = subprocess.run(
+            [
+                LINEGUARD,
+                "deploy",
+                "install",
+                str(bundle),
+                "--root",
+                str(root),
+                "--wait-online",
+                "yes",
+                "--health-cmd",
+                hook,
+                "--health-timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr + (tmp_path / "run.log").read_text()
+    finally:
+        if pidfile.exists():
+            pid = int(pidfile.read_text())
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                threading.Event().wait(0.1)
+    assert (root / "state" / "outbox.sqlite").is_file()
+    assert not (root / "releases" / "1" / "state").resolve().is_relative_to(root / "releases")
+    assert _retained(host, port, AVAILABLE.replace("available", "bundle"))["version"] == "1"
