@@ -96,6 +96,8 @@ def color_jitter(
     def do_hue(x: np.ndarray) -> np.ndarray:
         hsv = cv2.cvtColor(np.clip(x, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV)
         shift = round(rng.uniform(-hue, hue) * 180)
+        if shift == 0:
+            return x
         hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
 

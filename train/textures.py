@@ -224,7 +224,8 @@ class TextureSource:
         if kind == "images" and self.images is None:
             raise ValueError("texture kind 'images' needs a pool of training images")
 
-    def _pick_image(self, label: int | None, rng: Generator) -> np.ndarray:
+    def pick_image(self, label: int | None, rng: Generator) -> np.ndarray:
+        """A pool image of another class than ``label`` (any image if there is no other)."""
         assert self.images is not None
         others = np.flatnonzero(self.labels != label) if label is not None else np.array([])
         pool = others if len(others) else np.arange(len(self.images))
@@ -238,7 +239,7 @@ class TextureSource:
             self.kind == "images" or (self.kind == "mixed" and rng.random() < 0.5)
         )
         if use_images:
-            tex = image_texture(self._pick_image(label, rng), shape, rng)
+            tex = image_texture(self.pick_image(label, rng), shape, rng)
         else:
             tex = procedural_texture(shape, rng)
         return augment_texture(tex, rng)

@@ -1,0 +1,106 @@
+"""Calibration from NORMAL validation images only: fusion scale c and score normalisation.
+
+The official code fuses ``S = 0.5·S_rec + 0.5·c·M̂`` with c = (max + min)/2 of S_rec over the
+whole TEST set (spec §8), which a station cannot know. Our rule keeps the formula and swaps in
+normal validation images (carved from train/good, each scored against its class's fixed
+prompt): c = (max + min)/2 of S_rec over all their pixels. M̂ is a probability in [0, 1], so c
+maps a fully confident refiner pixel onto the S_rec level seen on normal parts. A ratio of the
+two maps' ranges would not work here: the refiner learned to output ~0 on normal images, so M̂'s
+range on normal data is tiny and noisy and the ratio would over-weight it.
+
+Score normalisation (``(raw - center) / scale``, applied by the runtime): center = median and
+scale = p99 − median of the image scores (pixel values) of the same images, so 1.0 ≈ the 99th
+percentile of normal validation images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from lineguard.train.torch_model import OneNIP
+
+
+def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 ``B×H×W×3`` -> float ``B×3×H×W`` in [0, 1] on ``device``."""
+    t = torch.as_tensor(images).to(device)
+    return t.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.no_grad()
+def score_parts(
+    model: OneNIP,
+    images: np.ndarray,
+    labels: Sequence[int],
+    prompts: Sequence[np.ndarray],
+    device: torch.device | str,
+    batch_size: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(S_rec, M̂) as float32 ``N×H×W`` for each image against its class's fixed prompt."""
+    was_training = model.training
+    model.eval()
+    labels = np.asarray(labels)
+    n, h, w = len(images), images.shape[1], images.shape[2]
+    s_rec = np.zeros((n, h, w), np.float32)
+    m_hat = np.zeros((n, h, w), np.float32)
+    for cls in np.unique(labels):
+        tokens = model.encode_prompt(to_tensor(prompts[int(cls)][None], device))
+        idx = np.flatnonzero(labels == cls)
+        for start in range(0, len(idx), batch_size):
+            part = idx[start : start + batch_size]
+            s, m = model.detect_parts(to_tensor(images[part], device), tokens)
+            s_rec[part] = s[:, 0].float().cpu().numpy()
+            m_hat[part] = m[:, 0].float().cpu().numpy()
+    model.train(was_training)
+    return s_rec, m_hat
+
+
+def fusion_scale(s_rec: np.ndarray) -> float:
+    """c = (max + min)/2 of S_rec over all normal validation pixels (see module docstring)."""
+    c = 0.5 * (float(s_rec.max()) + float(s_rec.min()))
+    return c if np.isfinite(c) and c > 0 else 1.0
+
+
+def fused(model: OneNIP, s_rec: np.ndarray, m_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fused maps and image scores exactly as :meth:`OneNIP.detect` computes them."""
+    alpha = model.cfg.fusion_alpha
+    c = float(model.fusion_scale)
+    amap = (1.0 - alpha) * s_rec + alpha * c * m_hat
+    with torch.no_grad():
+        scores = model.image_score(torch.from_numpy(amap[:, None])).numpy()
+    return amap, scores
+
+
+def _robust(values: np.ndarray) -> dict[str, float]:
+    center = float(np.median(values))
+    scale = float(np.percentile(values, 99)) - center
+    return {"center": center, "scale": scale if scale > 1e-12 else 1.0}
+
+
+def normalisation(scores: np.ndarray, maps: np.ndarray, source: str) -> dict:
+    """``{image: {center, scale}, pixel: {center, scale}, count, source}``."""
+    return {
+        "image": _robust(np.asarray(scores, np.float64)),
+        "pixel": _robust(np.asarray(maps, np.float32).ravel()),
+        "count": len(scores),
+        "source": source,
+    }
+
+
+def calibrate(
+    model: OneNIP,
+    images: np.ndarray,
+    labels: Sequence[int],
+    prompts: Sequence[np.ndarray],
+    device: torch.device | str,
+    source: str = "val",
+    batch_size: int = 16,
+) -> dict:
+    """Measure c, store it in ``model.fusion_scale``, and return the normalisation dict."""
+    s_rec, m_hat = score_parts(model, images, labels, prompts, device, batch_size)
+    model.fusion_scale.fill_(fusion_scale(s_rec))
+    amap, scores = fused(model, s_rec, m_hat)
+    out = normalisation(scores, amap, source)
+    out["fusion_scale"] = float(model.fusion_scale)
+    return out

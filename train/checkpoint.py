@@ -1,0 +1,109 @@
+"""The training checkpoint (format ``lineguard-onenip/1``, docs/architecture.md) and its I/O.
+
+A checkpoint is everything compress needs to build an edge artifact without the data or the
+internet: the full state dict (frozen backbone included), the architecture, the recipe, the
+classes, one golden prompt image per class, the score calibration measured on NORMAL validation
+images, a fingerprint of the training data, metrics, and optimizer/scheduler state for resume.
+Writes are atomic (temp file + ``os.replace``) so a crash never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lineguard.runtime.errors import LineGuardError
+from lineguard.train.torch_model import OneNIP, OneNIPConfig
+
+FORMAT = "lineguard-onenip/1"
+
+REQUIRED_KEYS = (
+    "format",
+    "model_config",
+    "state_dict",
+    "train_config",
+    "classes",
+    "prompts",
+    "calibration",
+    "data_fingerprint",
+    "metrics",
+    "epoch",
+)
+
+
+def data_fingerprint(files: Iterable[tuple[str, int]]) -> str:
+    """sha256 over sorted ``(relative path, size in bytes)`` pairs of the training images."""
+    h = hashlib.sha256()
+    for rel, size in sorted(files):
+        h.update(f"{rel}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def unwrap(model: torch.nn.Module) -> OneNIP:
+    """The bare OneNIP inside DDP / train-step wrappers."""
+    while not isinstance(model, OneNIP):
+        inner = getattr(model, "module", None) or getattr(model, "model", None)
+        if inner is None:
+            raise TypeError(f"no OneNIP inside {type(model).__name__}")
+        model = inner
+    return model
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Atomically write ``payload`` (must carry every :data:`REQUIRED_KEYS`) to ``path``."""
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint payload lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict on CPU, checking the format tag (LineGuardError if unusable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LineGuardError(f"checkpoint {path} not found")
+    try:
+        # Our own file: numpy prompt images and pydantic dumps need full unpickling.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise LineGuardError(f"{path} is not a readable checkpoint: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise LineGuardError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise LineGuardError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[OneNIP, dict]:
+    """Rebuild the OneNIP model of a checkpoint in eval mode; returns ``(model, checkpoint)``.
+
+    The backbone weights come from the checkpoint, so nothing is read from the weight packages.
+    """
+    ckpt = read_checkpoint(path)
+    cfg = OneNIPConfig.model_validate(ckpt["model_config"])
+    model = OneNIP(cfg, pretrained=False)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.to(device).eval(), ckpt
+
+
+def prompt_images(ckpt: dict) -> dict[str, np.ndarray]:
+    """Default golden sample (uint8 H×W×3 RGB) per class."""
+    return {cls: np.asarray(p["image"], dtype=np.uint8) for cls, p in ckpt["prompts"].items()}

@@ -1,0 +1,348 @@
+"""The OneNIP training loop: one process or many through ``torchrun`` (DDP).
+
+Per step: a batch of normal images, a synthetic-defect copy of each, and for each a random
+normal prompt of the same class (spec §1.3, §5). The backbone is frozen and there is no
+augmentation, so the features of every normal image (which also serve as prompts) are computed
+ONCE and cached on the device; only the synthetic images go through the backbone online. That
+removes about 2/3 of the backbone work of the official code and changes no number.
+
+After training (and at every checkpoint) the fusion scale c and the score normalisation are
+measured on NORMAL validation images with each class's fixed golden prompt
+(:mod:`lineguard.train.calibration`), and a proxy metric is logged: image AUROC of normal vs
+synthetic-defect validation images — no test image is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from lineguard.runtime.errors import LineGuardError
+from lineguard.train.calibration import calibrate, fused, score_parts, to_tensor
+from lineguard.train.checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from lineguard.train.losses import onenip_loss
+from lineguard.train.torch_model import OneNIP
+from lineguard.train.train_config import TrainConfig
+from lineguard.train.train_data import (
+    SyntheticDefects,
+    TrainingData,
+    load_training_data,
+    make_synthesizer,
+)
+from torch import nn
+from tqdm import tqdm
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise LineGuardError("device cuda was asked for but CUDA is not available")
+        torch.cuda.set_device(d.local_rank)
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+class TrainStep(nn.Module):
+    """``forward`` = :meth:`OneNIP.forward_train`, so DDP sees a forward it can hook."""
+
+    def __init__(self, model: OneNIP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, synthetic, image=None, prompt=None, image_feats=None, prompt_feats=None):
+        return self.model.forward_train(
+            image, synthetic, prompt, image_feats=image_feats, prompt_feats=prompt_feats
+        )
+
+
+@torch.no_grad()
+def cache_features(
+    model: OneNIP, images: np.ndarray, device, autocast, batch_size: int = 32
+) -> torch.Tensor:
+    """Backbone+neck features of every image, on ``device``, under the training autocast."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        with autocast():
+            out.append(model.features(to_tensor(images[start : start + batch_size], device)))
+    return torch.cat(out)
+
+
+def validation_metrics(
+    model: OneNIP, data: TrainingData, synth, seed: int, device, limit: int = 256
+) -> dict[str, float]:
+    """Image AUROC of normal vs synthetic-defect VALIDATION images (fixed prompts, fixed seed)."""
+    from sklearn.metrics import roc_auc_score
+
+    images, labels = data.val_images[:limit], data.val_labels[:limit]
+    if len(images) == 0:
+        return {}
+    defects = np.stack(
+        [
+            synth(img, np.random.default_rng([seed, 999_999, i]), int(lab))[0]
+            for i, (img, lab) in enumerate(zip(images, labels, strict=True))
+        ]
+    )
+    both = np.concatenate([images, defects])
+    s_rec, m_hat = score_parts(
+        model, both, np.concatenate([labels, labels]), data.prompt_images(), device
+    )
+    _, scores = fused(model, s_rec, m_hat)
+    y = np.r_[np.zeros(len(images)), np.ones(len(images))]
+    return {"val_synthetic_image_auroc": float(roc_auc_score(y, scores))}
+
+
+class Trainer:
+    """Builds data, model and optimiser from a :class:`TrainConfig` and runs :meth:`fit`."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True) -> None:
+        self.cfg, self.progress = cfg, progress
+        self.dist = init_distributed(
+            "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+        )
+        self.device = pick_device(cfg, self.dist)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.use_bf16 = cfg.bf16 and self.device.type == "cuda"
+        self.data = load_training_data(
+            cfg.data,
+            cfg.model.input_size,
+            cfg.val_fraction,
+            cfg.seed,
+            progress=progress and self.dist.main,
+        )
+        torch.manual_seed(cfg.seed)
+        self.model = OneNIP(cfg.model).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, cfg.step_size(), cfg.lr_gamma
+        )
+        self.synth = make_synthesizer(self.data, cfg.synthesis)
+        self.start_epoch, self.wall_time, self.history = 0, 0.0, []
+        self.calibration: dict = {}
+        self.metrics: dict = {}
+        if cfg.resume is not None:
+            self._resume(cfg.resume)
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _resume(self, path: Path) -> None:
+        ckpt = read_checkpoint(path)
+        if ckpt["model_config"] != self.cfg.model.model_dump(mode="json"):
+            raise LineGuardError(f"{path}: its model config differs from this run's `model:`")
+        if ckpt["data_fingerprint"] != self.data.fingerprint:
+            raise LineGuardError(f"{path}: trained on other data (fingerprint differs)")
+        done = int(ckpt["epoch"])
+        if done >= self.cfg.epochs:
+            raise LineGuardError(f"{path} already has {done} epochs; raise --epochs to continue")
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        # A longer run moves the lr drop: recompute it in closed form for the new schedule.
+        self.scheduler.step_size = self.cfg.step_size()
+        lr = self.cfg.lr * self.cfg.lr_gamma ** (done // self.cfg.step_size())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scheduler._last_lr = [lr for _ in self.optimizer.param_groups]
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        self.start_epoch = done
+        self.wall_time = float(ckpt.get("wall_time_s", 0.0))
+        self.history = list(ckpt["metrics"].get("history", []))
+
+    def _loader(self, dataset: SyntheticDefects) -> torch.utils.data.DataLoader:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, self.dist.world, self.dist.rank, shuffle=True, seed=self.cfg.seed
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
+
+    # ------------------------------------------------------------------ training
+    def fit(self, stop_epoch: int | None = None) -> Path:
+        """Train to ``cfg.epochs``; returns the final checkpoint path (``out_dir/final.pt``).
+
+        ``stop_epoch`` ends the run early after that epoch with ``last.pt`` written and no
+        ``final.pt`` (a time-boxed job; resume continues the same schedule).
+        """
+        cfg, data, dev = self.cfg, self.data, self.device
+        dataset = SyntheticDefects(
+            data.train_images, data.train_labels, data.members(), self.synth, cfg.seed
+        )
+        loader = self._loader(dataset)
+        feats = images = None
+        if cfg.cache_features:
+            feats = cache_features(self.model, data.train_images, dev, self.autocast)
+        else:
+            images = torch.from_numpy(data.train_images).to(dev)
+        step: nn.Module = TrainStep(self.model)
+        if self.dist.world > 1:
+            ids = [dev.index] if dev.type == "cuda" else None
+            step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+        end = (
+            cfg.epochs if stop_epoch is None else max(self.start_epoch, min(stop_epoch, cfg.epochs))
+        )
+        remaining = end - self.start_epoch
+        bar = tqdm(
+            total=remaining * len(loader),
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and self.dist.main),
+        )
+        out_dir = Path(cfg.out_dir)
+        final = out_dir / "final.pt"
+        for epoch in range(self.start_epoch, end):
+            t0 = time.perf_counter()
+            dataset.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)
+            self.model.train()
+            sums = {"total": 0.0, "mse": 0.0, "dice": 0.0}
+            n = 0
+            for rows, prompts, synthetic, mask in loader:
+                kw = {"synthetic": to_tensor(synthetic, dev)}
+                if feats is not None:
+                    kw["image_feats"] = feats[rows.to(dev)]
+                    kw["prompt_feats"] = feats[prompts.to(dev)]
+                else:
+                    kw["image"] = to_tensor(images[rows.to(dev)], dev)
+                    kw["prompt"] = to_tensor(images[prompts.to(dev)], dev)
+                with self.autocast():
+                    out = step(**kw)
+                loss, parts = onenip_loss(out, mask.to(dev, non_blocking=True))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                self.optimizer.step()
+                for k in sums:
+                    sums[k] += float(parts[k])
+                n += 1
+                bar.update(1)
+                bar.set_postfix(
+                    epoch=f"{epoch + 1}/{cfg.epochs}",
+                    loss=f"{sums['total'] / n:.4f}",
+                    lr=f"{self.optimizer.param_groups[0]['lr']:.0e}",
+                )
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            seconds = time.perf_counter() - t0
+            self.wall_time += seconds
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "seconds": round(seconds, 3),
+                **{k: v / max(n, 1) for k, v in sums.items()},
+            }
+            self.history.append(row)
+            last = epoch + 1 == end
+            due = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
+            if self.dist.main:
+                _append_log(out_dir / "train_log.jsonl", row)
+                if due or last:
+                    self._checkpoint(out_dir / "last.pt", epoch + 1)
+            if self.dist.world > 1:
+                dist.barrier()
+        bar.close()
+        if self.dist.main and end == cfg.epochs:
+            shutil.copyfile(out_dir / "last.pt", out_dir / ".final.pt.tmp")
+            os.replace(out_dir / ".final.pt.tmp", final)
+        if self.dist.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return final
+
+    def _checkpoint(self, path: Path, epoch: int) -> None:
+        """Calibrate on normal validation images, then write the checkpoint atomically."""
+        data, dev = self.data, self.device
+        images, labels, source = data.val_images, data.val_labels, "val"
+        if len(images) == 0:  # val_fraction 0: calibrate on training images, and say so
+            images, labels, source = data.train_images, data.train_labels, "train"
+        self.calibration = calibrate(self.model, images, labels, data.prompt_images(), dev, source)
+        self.metrics = {
+            **validation_metrics(self.model, data, self.synth, self.cfg.seed, dev),
+            **{f"train_{k}": v for k, v in self.history[-1].items() if k not in ("epoch",)},
+            "seconds_per_epoch": self.wall_time / max(len(self.history), 1),
+            "history": self.history,
+        }
+        prompts = {
+            c: {"path": str(data.train[i].path), "image": data.train_images[i].copy()}
+            for c, i in zip(data.classes, data.prompt_index, strict=True)
+        }
+        save_checkpoint(
+            path,
+            {
+                "format": FORMAT,
+                "model_config": self.cfg.model.model_dump(mode="json"),
+                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "train_config": self.cfg.model_dump(mode="json"),
+                "classes": list(data.classes),
+                "prompts": prompts,
+                "calibration": self.calibration,
+                "data_fingerprint": data.fingerprint,
+                "metrics": self.metrics,
+                "epoch": epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state()},
+                "wall_time_s": self.wall_time,
+                "split": {
+                    "train": [f"{s.dataset}/{s.rel_path}" for s in data.train],
+                    "val": [f"{s.dataset}/{s.rel_path}" for s in data.val],
+                },
+            },
+        )
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # workers are parallel already; nested OpenCV threads oversubscribe
+
+
+def _append_log(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run a full training; returns the final checkpoint path."""
+    return Trainer(cfg, progress).fit()
