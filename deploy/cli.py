@@ -200,7 +200,8 @@ def _live_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pubkey",
         type=Path,
-        help="ed25519 public key (PEM): the bundle must carry a valid signature",
+        help="ed25519 public key (PEM): the bundle must carry a valid signature (default: "
+        "ROOT/bundle-signing.pub when present)",
     )
     p.add_argument(
         "--service",

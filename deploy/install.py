@@ -41,6 +41,8 @@ from lineguard.runtime.errors import LineGuardError
 log = logging.getLogger(__name__)
 
 HISTORY = "deploy-history.jsonl"
+# A public key placed here (Ansible's role does) makes signatures mandatory on this edge PC.
+PINNED_KEY = "bundle-signing.pub"
 INCOMING = ".incoming-"
 
 
@@ -84,6 +86,7 @@ class DeployRoot:
         self.current = self.root / "current"
         self.state = self.root / "state"
         self.history_file = self.root / HISTORY
+        self.pinned_key = self.root / PINNED_KEY
 
     def ensure(self) -> None:
         for d in (self.root, self.releases, self.state):
@@ -284,8 +287,6 @@ def prune(root: DeployRoot, keep: int) -> list[str]:
     doomed = rest[max(0, keep - len(protected)) :]
     for v in doomed:
         shutil.rmtree(root.release(v))
-    for stale in root.releases.glob(INCOMING + "*"):  # left by a crashed install
-        shutil.rmtree(stale, ignore_errors=True)
     return doomed
 
 
@@ -326,8 +327,25 @@ def install(bundle: str | Path, root_dir: str | Path, opts: Options) -> Result:
         return result
 
 
+def _pubkey(root: DeployRoot, opts: Options) -> Path | None:
+    """--pubkey, else the key pinned in the root: forgetting the flag must not skip the check."""
+    if opts.pubkey is not None:
+        return Path(opts.pubkey)
+    return root.pinned_key if root.pinned_key.is_file() else None
+
+
+def _clean_leftovers(root: DeployRoot) -> None:
+    """Remove what a crashed install may have left (we hold the lock, so none is in use)."""
+    for stale in root.releases.glob(INCOMING + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for tmp in root.root.glob(".current.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _install_locked(root: DeployRoot, bundle: Path, opts: Options, entry: dict) -> Result:
-    verified = verify_bundle(bundle, opts.pubkey, require_signature=opts.pubkey is not None)
+    _clean_leftovers(root)
+    pubkey = _pubkey(root, opts)
+    verified = verify_bundle(bundle, pubkey, require_signature=pubkey is not None)
     version = verified.manifest.version
     entry.update(
         version=version,

@@ -259,3 +259,15 @@ def test_deploy_modules_do_not_import_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_key_pinned_in_the_root_makes_signatures_mandatory(make_bundle, tmp_path):
+    key, pub = generate_keypair(tmp_path / "k")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "bundle-signing.pub").write_bytes(pub.read_bytes())
+    with pytest.raises(LineGuardError, match="not signed"):
+        install(make_bundle("1"), root, _opts())  # no --pubkey given, still checked
+    assert not (root / "current").exists()
+    res = install(make_bundle("2", sign=key), root, _opts())
+    assert res.version == "2"
