@@ -116,6 +116,9 @@ def class_figures(
             gt = np.repeat(test.masks[i][..., None] * 255, 3, axis=2).astype(np.uint8)
             ov = overlay(img, maps[i], lo, hi)
             row = np.concatenate([img, gt, ov], axis=1)
+            k = max(1, 192 // img.shape[0])  # small inputs are enlarged (nearest) to be legible
+            if k > 1:
+                row = cv2.resize(row, None, fx=k, fy=k, interpolation=cv2.INTER_NEAREST)
             s = test.samples[i]
             cv2.putText(
                 row,
