@@ -27,7 +27,7 @@ def _print(args: argparse.Namespace, data: dict[str, Any], human: str) -> None:
 
 
 def _bundle_build(args: argparse.Namespace) -> int:
-    from lineguard.deploy.bundle import build_bundle
+    from lineguard.deploy.build import build_bundle
 
     res = build_bundle(
         artifact=args.artifact,
@@ -152,7 +152,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from lineguard.deploy.install import status
+    from lineguard.deploy.releases import status
 
     st = status(args.root)
     lines = [
@@ -339,7 +339,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace an inactive installed release of the same version",
+        help="unpack again over an inactive installed release of the same version",
     )
     p.set_defaults(handler=_install)
 

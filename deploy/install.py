@@ -1,20 +1,15 @@
-"""Install, activate, roll back and prune releases under a deploy root.
+"""Install, activate and roll back releases (layout: `releases.py`).
 
-    <root>/releases/<version>/   unpacked bundles (read-only to the runtime)
-    <root>/current               symlink -> releases/<version>, switched with rename(2)
-    <root>/state/                runtime's writable state (outbox, evidence), kept across releases
-    <root>/deploy.lock           flock: one install/rollback at a time
-    <root>/deploy-history.jsonl  append-only audit of every install/rollback attempt
-
-An install never edits a release in place: it unpacks into `releases/.incoming-*`, checks it there,
-renames it into place, and only then moves `current`. A crash at any point leaves `current` on a
+An install never edits a release in place: it unpacks into `releases/.incoming-*`, checks it there
+(configs, model, one inference per station), renames it into place, and only then moves `current`.
+After the switch the live checks run (service restart, runtime online, health hook); if any
+fails, `current` goes back to the previous release. A crash at any point leaves `current` on a
 complete release.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -31,19 +26,21 @@ from lineguard.deploy.manifest import (
     MANIFEST,
     SITE_FILE,
     STATE_DIR,
-    Manifest,
     parse_manifest,
     utc_now,
+)
+from lineguard.deploy.releases import (
+    INCOMING,
+    DeployRoot,
+    check_installed,
+    clean_leftovers,
+    fsync_dir,
+    prune,
 )
 from lineguard.runtime.artifact import sha256_file
 from lineguard.runtime.errors import LineGuardError
 
 log = logging.getLogger(__name__)
-
-HISTORY = "deploy-history.jsonl"
-# A public key placed here (Ansible's role does) makes signatures mandatory on this edge PC.
-PINNED_KEY = "bundle-signing.pub"
-INCOMING = ".incoming-"
 
 
 @dataclass
@@ -77,105 +74,6 @@ class Result:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
-
-
-class DeployRoot:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root).absolute()
-        self.releases = self.root / "releases"
-        self.current = self.root / "current"
-        self.state = self.root / "state"
-        self.history_file = self.root / HISTORY
-        self.pinned_key = self.root / PINNED_KEY
-
-    def ensure(self) -> None:
-        for d in (self.root, self.releases, self.state):
-            d.mkdir(parents=True, exist_ok=True)
-
-    def release(self, version: str) -> Path:
-        return self.releases / version
-
-    def current_version(self) -> str | None:
-        try:
-            target = os.readlink(self.current)
-        except OSError:
-            return None
-        return Path(target).name
-
-    def installed(self) -> list[str]:
-        if not self.releases.is_dir():
-            return []
-        return sorted(
-            p.name for p in self.releases.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-
-    def manifest(self, version: str) -> Manifest:
-        path = self.release(version) / MANIFEST
-        return parse_manifest(path.read_bytes(), str(path))
-
-    # -- the atomic switch ----------------------------------------------------------------------
-
-    def switch(self, version: str | None) -> None:
-        """Point `current` at releases/<version> (None removes it) with one rename(2)."""
-        if version is None:
-            with contextlib.suppress(FileNotFoundError):
-                self.current.unlink()
-        else:
-            tmp = self.root / f".current.{os.getpid()}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.symlink(f"releases/{version}", tmp)
-            os.replace(tmp, self.current)
-        _fsync_dir(self.root)
-
-    # -- history -----------------------------------------------------------------------------
-
-    def record(self, entry: dict[str, Any]) -> None:
-        line = json.dumps({"time": utc_now(), **entry}, sort_keys=True) + "\n"
-        with open(self.history_file, "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def history(self) -> list[dict[str, Any]]:
-        if not self.history_file.is_file():
-            return []
-        out = []
-        for line in self.history_file.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
-
-    def activations(self) -> list[str]:
-        """Versions in the order they became active (successful installs and rollbacks)."""
-        return [h["version"] for h in self.history() if h.get("ok") and h.get("activated")]
-
-    def previous_version(self) -> str | None:
-        """The most recently active release, other than the current one, still installed."""
-        cur, have = self.current_version(), set(self.installed())
-        for v in reversed(self.activations()):
-            if v != cur and v in have:
-                return v
-        return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def check_installed(release: Path) -> None:
-    """An installed release must still match its manifest (nobody edited it on disk)."""
-    manifest = parse_manifest((release / MANIFEST).read_bytes(), str(release / MANIFEST))
-    for name, entry in manifest.files.items():
-        f = release / name
-        if not f.is_file() or f.is_symlink():
-            raise HealthError(f"{release}: {name} is missing")
-        if f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
-            raise HealthError(f"{release}: {name} was modified after install")
 
 
 # ---- live checks after the switch --------------------------------------------------------------
@@ -272,24 +170,6 @@ def _publish(root: DeployRoot, version: str, previous: str | None, opts: Options
     return bundle_topic(broker)
 
 
-def prune(root: DeployRoot, keep: int) -> list[str]:
-    """Delete the oldest releases beyond `keep`; never the current one or the rollback target."""
-    keep = max(1, keep)
-    cur, prev = root.current_version(), root.previous_version()
-    order = {v: i for i, v in enumerate(root.activations())}
-    installed = root.installed()
-    protected = [v for v in (cur, prev) if v in installed][:keep]
-    rest = sorted(
-        (v for v in installed if v not in protected),
-        key=lambda v: (order.get(v, -1), root.release(v).stat().st_mtime),
-        reverse=True,
-    )
-    doomed = rest[max(0, keep - len(protected)) :]
-    for v in doomed:
-        shutil.rmtree(root.release(v))
-    return doomed
-
-
 # ---- commands -------------------------------------------------------------------------------
 
 
@@ -334,16 +214,8 @@ def _pubkey(root: DeployRoot, opts: Options) -> Path | None:
     return root.pinned_key if root.pinned_key.is_file() else None
 
 
-def _clean_leftovers(root: DeployRoot) -> None:
-    """Remove what a crashed install may have left (we hold the lock, so none is in use)."""
-    for stale in root.releases.glob(INCOMING + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for tmp in root.root.glob(".current.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def _install_locked(root: DeployRoot, bundle: Path, opts: Options, entry: dict) -> Result:
-    _clean_leftovers(root)
+    clean_leftovers(root)
     pubkey = _pubkey(root, opts)
     verified = verify_bundle(bundle, pubkey, require_signature=pubkey is not None)
     version = verified.manifest.version
@@ -355,14 +227,14 @@ def _install_locked(root: DeployRoot, bundle: Path, opts: Options, entry: dict) 
     )
     current = root.current_version()
     release = root.release(version)
+    if release.exists() and version != current and opts.force:
+        shutil.rmtree(release)  # unpack afresh, whatever is on disk
     if release.exists() and not _same_release(root, verified):
-        if not opts.force or version == current:
-            raise LineGuardError(
-                f"{release}: version {version} is already installed with different content; "
-                "build the bundle under a new version"
-                + ("" if version == current else " (or pass --force to replace it)")
-            )
-        shutil.rmtree(release)
+        raise LineGuardError(
+            f"{release}: version {version} is already installed with different content; "
+            "build the bundle under a new version"
+            + ("" if version == current else " (or pass --force to replace it)")
+        )
     if release.exists():
         check_installed(release)
         if version == current:
@@ -392,7 +264,7 @@ def _install_locked(root: DeployRoot, bundle: Path, opts: Options, entry: dict) 
                 label=str(release),
             )
             os.replace(staged, release)
-            _fsync_dir(root.releases)
+            fsync_dir(root.releases)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -453,40 +325,3 @@ def rollback(root_dir: str | Path, opts: Options, to: str | None = None) -> Resu
             published=published,
             message=f"rolled back from {current} to {target}",
         )
-
-
-def status(root_dir: str | Path) -> dict[str, Any]:
-    root = DeployRoot(root_dir)
-    current = root.current_version()
-    history = root.history()
-    activated: dict[str, str] = {}
-    for h in history:
-        if h.get("ok") and h.get("activated"):
-            activated[h["version"]] = h["time"]
-    releases = []
-    for v in root.installed():
-        info: dict[str, Any] = {
-            "version": v,
-            "active": v == current,
-            "last_activated": activated.get(v),
-        }
-        try:
-            m = root.manifest(v)
-            info.update(
-                created=m.created,
-                model=m.model.name,
-                stations=[s.id for s in m.stations],
-                files=len(m.files),
-            )
-        except (OSError, LineGuardError) as exc:
-            info["error"] = str(exc)
-        releases.append(info)
-    broken = current is not None and not root.release(current).is_dir()
-    return {
-        "root": str(root.root),
-        "current": current,
-        "current_broken": broken,
-        "previous": root.previous_version(),
-        "releases": releases,
-        "last": history[-1] if history else None,
-    }

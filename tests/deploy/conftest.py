@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from lineguard.deploy.bundle import build_bundle
+from lineguard.deploy.build import build_bundle
 from lineguard.runtime.artifact import (
     GraphSpec,
     ModelCard,

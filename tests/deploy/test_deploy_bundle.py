@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import cli, flip_one_byte, make_artifact
-from lineguard.deploy.bundle import build_bundle, verify_bundle
+from lineguard.deploy.build import build_bundle
+from lineguard.deploy.bundle import verify_bundle
 from lineguard.deploy.signing import generate_keypair
 from lineguard.runtime.artifact import sha256_file
 from lineguard.runtime.errors import LineGuardError

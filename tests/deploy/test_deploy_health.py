@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_artifact, make_stations, tree, write_site
-from lineguard.deploy.bundle import build_bundle
+from lineguard.deploy.build import build_bundle
 from lineguard.deploy.health import HealthError
-from lineguard.deploy.install import Options, install, status
+from lineguard.deploy.install import Options, install
+from lineguard.deploy.releases import status
 from lineguard.runtime.artifact import load_card, write_card
 
 pytest.importorskip("lineguard.runtime.engine")

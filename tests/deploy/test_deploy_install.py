@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import LINEGUARD, cli, flip_one_byte, history, tree
-from lineguard.deploy.bundle import stage_bundle, write_archive
+from lineguard.deploy.build import stage_bundle
+from lineguard.deploy.bundle import write_archive
 from lineguard.deploy.health import HealthError
-from lineguard.deploy.install import Options, install, rollback, status
+from lineguard.deploy.install import Options, install, rollback
 from lineguard.deploy.lock import DeployLock
 from lineguard.deploy.manifest import file_entry
+from lineguard.deploy.releases import status
 from lineguard.deploy.signing import generate_keypair
 from lineguard.runtime.errors import LineGuardError
 
@@ -253,7 +255,7 @@ def test_json_output_for_automation(make_bundle, tmp_path):
 def test_deploy_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import lineguard.deploy.cli, lineguard.deploy.install, lineguard.deploy.bundle\n"
+        "import lineguard.deploy.cli, lineguard.deploy.install, lineguard.deploy.build\n"
         "import lineguard.deploy.health, lineguard.deploy.mqtt_state, lineguard.deploy.service\n"
         "bad = [m for m in ('torch', 'timm', 'sklearn') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -271,3 +273,16 @@ def test_key_pinned_in_the_root_makes_signatures_mandatory(make_bundle, tmp_path
     assert not (root / "current").exists()
     res = install(make_bundle("2", sign=key), root, _opts())
     assert res.version == "2"
+
+
+def test_force_reinstalls_a_damaged_inactive_release(make_bundle, tmp_path):
+    root = tmp_path / "root"
+    install(make_bundle("1"), root, _opts())
+    install(make_bundle("2"), root, _opts())
+    (root / "releases/1/site.yaml").write_text("tampered: true\n")
+    with pytest.raises(HealthError, match="modified after install"):
+        install(make_bundle("1"), root, _opts())
+    assert _current(root) == "releases/2"
+    res = install(make_bundle("1"), root, _opts(force=True))
+    assert res.changed and _current(root) == "releases/1"
+    assert "tampered" not in (root / "current/site.yaml").read_text()

@@ -124,7 +124,7 @@ def test_installed_release_runs_from_current(deploy_broker, workspace, tmp_path)
     import numpy as np
     import yaml
     from conftest import LINEGUARD
-    from lineguard.deploy.bundle import build_bundle
+    from lineguard.deploy.build import build_bundle
 
     host, port = deploy_broker
     frames = tmp_path / "frames"
