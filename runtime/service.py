@@ -40,40 +40,7 @@ log = logging.getLogger(__name__)
 class StationLike(Protocol):
     """What the service needs from a station (`lineguard.runtime.station.Station`)."""
 
-    def start(self) -> None:
-        """Build stations (engine load, prompt tokens), connect, then start the frame loops."""
-        o = self.site.outbox
-        self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
-        for sid, slot in self.slots.items():
-            c = slot.config
-            slot.station = self.station_factory(
-                c,
-                self.site.edge_id,
-                lambda payload, jpeg, sid=sid: self.submit_event(sid, payload, jpeg),
-                lambda state, reason, sid=sid: self.set_status(sid, state, reason),
-                lambda eid, c=c: self.topics.evidence(c.line_id, c.station_id, eid),
-            )
-            slot.threshold_ts = time.time()
-        if self.site.broker is not None:
-            self.link = MqttLink(
-                self.site.broker,
-                self.site.client_id(),
-                self.topics.available(),
-                on_connected=self._on_connected,
-                on_message=self._on_message,
-            )
-            for topic in self._by_set_topic:
-                self.link.subscribe(topic)
-            self.publisher = OutboxPublisher(self.outbox, self.link)
-            self.publisher.start()
-            self.link.start()
-        else:
-            log.warning("no broker configured: events go to the outbox %s and stdout", o.path)
-        for slot in self.slots.values():
-            slot.station.start()
-        self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
-        self._stats_thread.start()
-
+    def start(self) -> None: ...
     def stop(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def thresholds(self) -> dict[str, Any]: ...
@@ -136,8 +103,19 @@ class Service:
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
+        """Build stations (engine load, prompt tokens), connect, then start the frame loops."""
         o = self.site.outbox
         self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
+        for sid, slot in self.slots.items():
+            c = slot.config
+            slot.station = self.station_factory(
+                c,
+                self.site.edge_id,
+                lambda payload, jpeg, sid=sid: self.submit_event(sid, payload, jpeg),
+                lambda state, reason, sid=sid: self.set_status(sid, state, reason),
+                lambda eid, c=c: self.topics.evidence(c.line_id, c.station_id, eid),
+            )
+            slot.threshold_ts = time.time()
         if self.site.broker is not None:
             self.link = MqttLink(
                 self.site.broker,
@@ -153,16 +131,6 @@ class Service:
             self.link.start()
         else:
             log.warning("no broker configured: events go to the outbox %s and stdout", o.path)
-        for sid, slot in self.slots.items():
-            c = slot.config
-            slot.station = self.station_factory(
-                c,
-                self.site.edge_id,
-                lambda payload, jpeg, sid=sid: self.submit_event(sid, payload, jpeg),
-                lambda state, reason, sid=sid: self.set_status(sid, state, reason),
-                lambda eid, c=c: self.topics.evidence(c.line_id, c.station_id, eid),
-            )
-            slot.threshold_ts = time.time()
         for slot in self.slots.values():
             slot.station.start()
         self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
@@ -312,6 +280,8 @@ class Service:
         c = slot.config
         try:
             cmd = parse_threshold_command(raw, retained)
+            if slot.station is None:
+                raise CommandError(f"station {station_id} is not running", cmd.request_id)
         except CommandError as exc:
             log.warning("station %s: threshold/set refused: %s", station_id, exc)
             error = ev.threshold_error_payload(
