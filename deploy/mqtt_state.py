@@ -11,6 +11,7 @@ import logging
 import ssl
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from lineguard.deploy.configs import BrokerInfo
@@ -19,6 +20,8 @@ from lineguard.deploy.health import HealthError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# JSON Schema of the payload on <prefix>/<edge>/bundle (DESIGN.md: every payload has one).
+SCHEMA_FILE = Path(__file__).parent / "schemas" / "bundle.schema.json"
 
 
 def bundle_topic(broker: BrokerInfo) -> str:

@@ -7,10 +7,12 @@ import os
 import sys
 import threading
 
+import jsonschema
 import paho.mqtt.client as mqtt
 import paho.mqtt.publish as publish
 import pytest
 from conftest import write_site
+from lineguard.deploy import mqtt_state
 from lineguard.deploy.health import HealthError
 from lineguard.deploy.install import Options, install, rollback
 
@@ -65,7 +67,9 @@ def test_active_bundle_is_published_retained(broker_bundle, tmp_path):
     assert msg["_retained"] is True
     assert msg["version"] == "1" and msg["previous"] is None and msg["edge"] == "edge-a"
     assert msg["stations"] == ["st1", "st2"] and msg["schema_version"] == 1
-    assert len(msg["manifest_sha256"]) == 64
+    schema = json.loads(mqtt_state.SCHEMA_FILE.read_text())
+    payload = {k: v for k, v in msg.items() if k != "_retained"}
+    jsonschema.Draft202012Validator(schema).validate(payload)
     install(bundle("2"), root, Options(inference=False))
     msg = _retained(host, port, TOPIC)
     assert (msg["version"], msg["previous"]) == ("2", "1")
