@@ -288,21 +288,23 @@ def propose_threshold(
 class PixelTail:
     """The largest normal pixel scores of each frame, enough for a high pooled quantile.
 
-    A frame keeps its `keep_fraction` largest valid pixels; the pooled (1 − rate) quantile is
-    exact as long as no frame has more pixels above it than it kept (checked, else a warning).
+    A frame keeps its `keep_fraction` largest valid pixels (at least `min_keep`); the pooled
+    (1 − rate) quantile is exact as long as no frame has more pixels above it than it kept
+    (checked; a warning otherwise).
     """
 
-    def __init__(self, keep_fraction: float = 0.02) -> None:
+    def __init__(self, keep_fraction: float = 0.05, min_keep: int = 256) -> None:
         if not 0.0 < keep_fraction <= 1.0:
             raise ValueError("keep_fraction must be in (0, 1]")
         self.keep_fraction = keep_fraction
+        self.min_keep = min_keep
         self.values: list[np.ndarray] = []  # per frame, descending
         self.valid: list[int] = []
 
     def add(self, score_map: np.ndarray, valid: np.ndarray | None = None) -> None:
         v = np.asarray(score_map, np.float32)
         v = v[valid] if valid is not None else v.ravel()
-        m = min(v.size, max(1, math.ceil(v.size * self.keep_fraction)))
+        m = min(v.size, max(self.min_keep, math.ceil(v.size * self.keep_fraction)))
         top = np.partition(v, v.size - m)[v.size - m :] if m < v.size else v
         self.values.append(np.sort(top)[::-1].astype(np.float32))
         self.valid.append(int(v.size))
