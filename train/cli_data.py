@@ -140,6 +140,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
+
     from lineguard.train.evaluate import evaluate_checkpoint
     from lineguard.train.report import markdown_table
 

@@ -17,6 +17,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+
 from lineguard.runtime.errors import LineGuardError
 
 IMAGE_EXTENSIONS = frozenset(

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.data import categories_of
 from lineguard.train.metrics import class_metrics, mean_metrics, std_metrics
@@ -30,7 +32,6 @@ from lineguard.train.prompts import (
     retrieve_classes,
     to_tensor,
 )
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

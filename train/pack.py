@@ -21,9 +21,10 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from tqdm import tqdm
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.data import Sample, load_image, load_mask, scan_folder, scan_mvtec
-from tqdm import tqdm
 
 PACK_FORMAT = "lineguard-pack/1"
 Codec = Literal["png", "webp"]

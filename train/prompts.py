@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.data import Sample, load_image, resize_rgb
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from lineguard.train.metrics import METRIC_KEYS
 from lineguard.train.pack import Pack
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.data import (
     load_image,

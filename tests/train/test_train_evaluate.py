@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.evaluate import evaluate_checkpoint
 from lineguard.train.pack import open_data
-from torch import nn
 
 torch.set_num_threads(2)
 SIZE = 32

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from lineguard.train.metrics import (
     aupro,
     class_metrics,
@@ -20,7 +22,6 @@ from lineguard.train.metrics import (
     resize_masks,
     std_metrics,
 )
-from scipy import ndimage
 
 
 def test_image_auroc_and_ap_by_hand():
