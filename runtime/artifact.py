@@ -42,7 +42,9 @@ class Normalization(_Strict):
     """normalized = (raw - center) / scale, measured on NORMAL validation images only."""
 
     center: float = Field(title="Raw value mapped to 0 (median of normal validation scores)")
-    scale: float = Field(gt=0, title="Raw spread mapped to 1 (p99 minus median on normal validation)")
+    scale: float = Field(
+        gt=0, title="Raw spread mapped to 1 (p99 minus median on normal validation)"
+    )
 
 
 class ScoreNormalization(_Strict):
@@ -63,6 +65,11 @@ class Precision(_Strict):
     files: dict[str, str] = Field(title="graph name -> file for this precision")
     parity: dict[str, float] = Field(default_factory=dict, title="Parity figures vs PyTorch/FP32")
     accuracy: dict[str, float] = Field(default_factory=dict, title="Accuracy figures (fractions)")
+    evaluated_on: str = Field("", title="Images the parity/accuracy figures were measured on")
+    budgets: dict[str, float] = Field(
+        default_factory=dict, title="Gate budgets the figures were checked against"
+    )
+    calibrated_on: str = Field("", title="Images an INT8 model was calibrated on (never test)")
 
 
 class ModelCard(_Strict):
@@ -86,6 +93,16 @@ class ModelCard(_Strict):
         default_factory=dict, title="Available precisions: 'fp32', 'int8'"
     )
     checkpoint_sha256: str = Field("", title="sha256 of the training checkpoint")
+    checkpoint: str = Field("", title="Path of the training checkpoint when exported")
+    data_fingerprint: str = Field(
+        "", title="Fingerprint of the training data (from the checkpoint)"
+    )
+    prompts: dict[str, str] = Field(
+        default_factory=dict, title="class -> golden prompt image file in the artifact"
+    )
+    versions: dict[str, str] = Field(
+        default_factory=dict, title="Tool versions and ONNX opset used to build the artifact"
+    )
     sha256: dict[str, str] = Field(title="sha256 of every other file in the artifact")
 
 

@@ -1,0 +1,190 @@
+"""Gates every artifact must pass: exported graphs score like PyTorch, INT8 scores like FP32.
+
+Users of other tools report exported models that no longer reproduce training scores and INT8
+models that quietly lose pixel accuracy. Here each figure is measured, compared with a stated
+budget, written into `model.json`, and a miss stops the artifact with a message that names the
+figure and by how much it missed.
+
+Parity figures (per backend, against PyTorch on the same uint8 images):
+* `map_max_rel` / `map_mean_rel` — max / mean |Δmap| divided by the reference maps' range;
+* `score_max_rel` — max |Δscore| divided by the reference scores' range;
+* `score_spearman` — rank correlation of image scores (ranking is what thresholds act on);
+* `tokens_max_rel` — max |Δtokens| of the prompt encoder divided by max |tokens|.
+Accuracy figures (INT8 vs FP32, fractions): drops of image AUROC and pixel AP (per-class mean).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.stats import spearmanr
+
+from lineguard.compress.evalsets import EvalSet
+from lineguard.compress.graphs import to_model_input
+from lineguard.runtime.engine import GraphRunner
+from lineguard.runtime.errors import LineGuardError
+from lineguard.train.metrics import METRIC_KEYS, class_metrics, mean_metrics
+from lineguard.train.torch_model import OneNIP
+
+
+class GateError(LineGuardError):
+    """A gate missed its budget: no artifact (no model.json) is written."""
+
+
+class ParityBudget(BaseModel):
+    """Largest tolerated difference between an exported graph (true f32) and PyTorch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    map_max_rel: float = Field(1e-3, gt=0, title="max |Δmap| / reference map range")
+    map_mean_rel: float = Field(1e-4, gt=0, title="mean |Δmap| / reference map range")
+    score_max_rel: float = Field(1e-3, gt=0, title="max |Δscore| / reference score range")
+    score_spearman: float = Field(0.999, le=1, title="minimum Spearman rank correlation of scores")
+    tokens_max_rel: float = Field(1e-3, gt=0, title="max |Δtokens| / max |tokens|")
+
+
+class AccuracyBudget(BaseModel):
+    """Largest tolerated INT8 metric drop against FP32 (fractions: 0.005 = 0.5 points)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_auroc: float = Field(0.005, ge=0, title="max drop of mean image AUROC")
+    pixel_ap: float = Field(0.01, ge=0, title="max drop of mean pixel AP")
+
+
+@dataclass
+class Outputs:
+    """Raw outputs of one engine on an EvalSet (maps N×H×W, scores N, tokens per class)."""
+
+    maps: np.ndarray
+    scores: np.ndarray
+    tokens: dict[str, np.ndarray]
+
+
+@torch.no_grad()
+def run_torch(
+    model: OneNIP, evalset: EvalSet, prompts: dict[str, np.ndarray], batch: int = 8
+) -> Outputs:
+    """The reference: `OneNIP.encode_prompt` / `OneNIP.detect` on the same uint8 pixels."""
+    model.eval()
+    tokens = {
+        c: model.encode_prompt(to_model_input(torch.from_numpy(prompts[c][None])))
+        for c in sorted(set(evalset.classes))
+    }
+    n, s = len(evalset), evalset.images.shape[1]
+    maps = np.empty((n, s, s), np.float32)
+    scores = np.empty(n, np.float64)
+    for cls, tok in tokens.items():
+        idx = np.flatnonzero(np.asarray(evalset.classes) == cls)
+        for start in range(0, len(idx), batch):
+            part = idx[start : start + batch]
+            amap, score = model.detect(to_model_input(torch.from_numpy(evalset.images[part])), tok)
+            maps[part] = amap[:, 0].numpy()
+            scores[part] = score.numpy()
+    return Outputs(maps, scores, {c: t.numpy() for c, t in tokens.items()})
+
+
+def run_graphs(
+    runner: GraphRunner,
+    evalset: EvalSet,
+    prompts: dict[str, np.ndarray],
+    tokens: dict[str, np.ndarray] | None = None,
+) -> Outputs:
+    """An exported engine on the set; `tokens` reuses another engine's prompt tokens."""
+    if tokens is None:
+        tokens = {c: runner.encode_prompt(prompts[c]) for c in sorted(set(evalset.classes))}
+    n, s = len(evalset), evalset.images.shape[1]
+    maps = np.empty((n, s, s), np.float32)
+    scores = np.empty(n, np.float64)
+    for i, (img, cls) in enumerate(zip(evalset.images, evalset.classes, strict=True)):
+        maps[i], scores[i] = runner.detect(img, tokens[cls])
+    return Outputs(maps, scores, tokens)
+
+
+def parity_figures(ref: Outputs, other: Outputs) -> dict[str, float]:
+    """The parity figures of `other` against `ref` (see module docstring)."""
+    map_range = float(ref.maps.max() - ref.maps.min()) or 1.0
+    diff = np.abs(other.maps.astype(np.float64) - ref.maps)
+    score_range = float(np.ptp(ref.scores)) or float(np.abs(ref.scores).max()) or 1.0
+    tok_diff = max(
+        float(np.abs(other.tokens[c] - ref.tokens[c]).max() / (np.abs(ref.tokens[c]).max() or 1.0))
+        for c in ref.tokens
+    )
+    if len(ref.scores) >= 3 and np.ptp(ref.scores) > 0 and np.ptp(other.scores) > 0:
+        rho = float(spearmanr(ref.scores, other.scores).statistic)
+    else:
+        rho = math.nan
+    return {
+        "map_max_rel": float(diff.max() / map_range),
+        "map_mean_rel": float(diff.mean() / map_range),
+        "score_max_rel": float(np.abs(other.scores - ref.scores).max() / score_range),
+        "score_spearman": rho,
+        "tokens_max_rel": tok_diff,
+    }
+
+
+def check_parity(figures: dict[str, dict[str, float]], budget: ParityBudget, what: str) -> None:
+    """Raise GateError naming every figure that missed its budget, and by how much."""
+    misses: list[str] = []
+    for backend, figs in figures.items():
+        for key, limit in budget.model_dump().items():
+            value = figs.get(key, math.nan)
+            if key == "score_spearman":
+                if not math.isnan(value) and value < limit:
+                    misses.append(
+                        f"{backend} {key} = {value:.6f} < {limit} (short by {limit - value:.2e})"
+                    )
+            elif math.isnan(value) or value > limit:
+                misses.append(
+                    f"{backend} {key} = {value:.3e} > {limit:.1e} ({value / limit:.1f}x the budget)"
+                )
+    if misses:
+        raise GateError(f"{what} parity gate failed: " + "; ".join(misses))
+
+
+def metrics(outputs: Outputs, evalset: EvalSet) -> dict[str, dict[str, float]]:
+    """Per-class metrics (train stage's definitions) plus their mean under key 'mean'."""
+    per_class: dict[str, dict[str, float]] = {}
+    classes = np.asarray(evalset.classes)
+    for cls in sorted(set(evalset.classes)):
+        idx = np.flatnonzero(classes == cls)
+        labels = evalset.labels[idx]
+        masks = evalset.masks[idx]
+        if not masks.any():  # AUPRO/pixel metrics need defect pixels
+            per_class[cls] = {k: math.nan for k in METRIC_KEYS}
+            continue
+        per_class[cls] = class_metrics(labels, outputs.scores[idx], masks, outputs.maps[idx])
+    return {"mean": mean_metrics(per_class), **per_class}
+
+
+def accuracy_figures(fp32: dict[str, float], int8: dict[str, float]) -> dict[str, float]:
+    """Both metric sets and the drops (positive = INT8 worse), all fractions."""
+    out: dict[str, float] = {}
+    for k in METRIC_KEYS:
+        out[f"fp32_{k}"] = fp32[k]
+        out[f"int8_{k}"] = int8[k]
+        out[f"{k}_drop"] = fp32[k] - int8[k]
+    return out
+
+
+def check_accuracy(figures: dict[str, float], budget: AccuracyBudget, evaluated_on: str) -> None:
+    """Raise GateError when a drop exceeds its budget (or the metric is undefined)."""
+    misses: list[str] = []
+    for key, limit in budget.model_dump().items():
+        drop = figures[f"{key}_drop"]
+        if math.isnan(drop):
+            misses.append(
+                f"{key} is undefined on {evaluated_on} (needs normal and defective images)"
+            )
+        elif drop > limit:
+            misses.append(
+                f"{key} dropped {100 * drop:.2f} pt (FP32 {100 * figures[f'fp32_{key}']:.2f} -> "
+                f"INT8 {100 * figures[f'int8_{key}']:.2f}), budget {100 * limit:.2f} pt, "
+                f"missed by {100 * (drop - limit):.2f} pt"
+            )
+    if misses:
+        raise GateError(f"INT8 accuracy gate failed on {evaluated_on}: " + "; ".join(misses))

@@ -1,0 +1,260 @@
+"""`lineguard quantize`: NNCF post-training INT8 of the detector, gated on accuracy.
+
+* Calibration: NORMAL training images of the checkpoint's data (the same split training used),
+  each paired with its class's golden-prompt tokens, exactly as a station feeds the detector.
+  Never test images: activations ranges would then be fitted to the defects we must detect.
+* `ModelType.TRANSFORMER` so NNCF keeps LayerNorm/Softmax-sensitive spots in float and applies
+  SmoothQuant to the attention/FFN MatMuls; preset MIXED (asymmetric activations).
+* Optional NNCF accuracy control (`--accuracy-control --max-drop X`): reverts the most harmful
+  quantizers until the validation metric (mean of image AUROC and pixel AP) is within X.
+* The prompt encoder stays FP32: it runs once per station, so INT8 would only add error.
+* Gate: FP32 (true f32) vs INT8 image AUROC and pixel AP drops on a labelled set if given, else on
+  normal validation images plus synthetic defects. A miss leaves the artifact as it was (its FP32
+  model stays valid; no INT8 entry, no INT8 files); a pass adds `precisions.int8` and rewrites
+  `model.json` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from lineguard.compress import card as cards
+from lineguard.compress.checkpoint import Checkpoint, load_checkpoint
+from lineguard.compress.evalsets import (
+    EvalSet,
+    labelled_set,
+    normal_data,
+    per_class_rows,
+    validation_set,
+)
+from lineguard.compress.export import finite
+from lineguard.compress.gates import (
+    AccuracyBudget,
+    Outputs,
+    accuracy_figures,
+    check_accuracy,
+    metrics,
+    parity_figures,
+    run_graphs,
+)
+from lineguard.runtime.artifact import ModelCard, Precision, load_card, sha256_file
+from lineguard.runtime.engine import OpenVINORunner
+from lineguard.runtime.errors import LineGuardError
+from lineguard.train.data import load_image, scan_folder
+
+log = logging.getLogger(__name__)
+
+INT8_DETECTOR = "detector_int8.xml"
+STAGING = ".int8-staging"
+
+
+class QuantizeOptions(BaseModel):
+    """What `lineguard quantize` does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: Path = Field(title="artifact folder written by `lineguard export`")
+    checkpoint: Path | None = Field(None, title="training checkpoint (default: the card's)")
+    data: Path | None = Field(None, title="training data root/pack instead of the recipe's")
+    calib_dir: Path | None = Field(
+        None, title="folder of NORMAL images for calibration (<class>/ subfolders if several)"
+    )
+    calib_images: int = Field(300, ge=1, title="calibration images (spread over classes)")
+    labelled: Path | None = Field(None, title="labelled MVTec-layout set for the INT8 gate")
+    gate_per_class: int | None = Field(None, ge=1, title="cap on gate images per class")
+    accuracy_control: bool = Field(False, title="use NNCF quantize_with_accuracy_control")
+    max_drop: float = Field(0.005, ge=0, title="accuracy-control budget (absolute, fraction)")
+    budget: AccuracyBudget = Field(default_factory=AccuracyBudget, title="INT8 gate budgets")
+    threads: int = Field(2, ge=1, title="CPU threads for gate inference")
+    seed: int = Field(0, title="seed of image selection and synthetic defects")
+
+
+def _class_tokens(runner: OpenVINORunner, ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    return {c: runner.encode_prompt(ckpt.prompts[c]) for c in ckpt.classes}
+
+
+def calibration_images(
+    ckpt: Checkpoint, opts: QuantizeOptions, td: Any
+) -> tuple[np.ndarray, list[str], str]:
+    """NORMAL images for calibration, balanced over classes: (images, classes, description)."""
+    if opts.calib_dir is not None:
+        root = Path(opts.calib_dir)
+        subdirs = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in ckpt.classes]
+        if subdirs:
+            samples = [s for d in subdirs for s in scan_folder(d, d.name)]
+        elif len(ckpt.classes) == 1:
+            samples = scan_folder(root, ckpt.classes[0])
+        else:
+            raise LineGuardError(
+                f"{root}: the model has {len(ckpt.classes)} classes; put the images in "
+                f"<class>/ subfolders ({', '.join(ckpt.classes)})"
+            )
+        classes = [s.category for s in samples]
+        per = math.ceil(opts.calib_images / len(set(classes)))
+        rows = per_class_rows(classes, per, opts.seed)
+        images = np.stack([load_image(samples[i].path, ckpt.input_size) for i in rows])
+        return images, [classes[i] for i in rows], f"{len(rows)} normal images from {root}"
+    classes = [td.classes[i] for i in td.train_labels]
+    per = math.ceil(opts.calib_images / len(set(classes)))
+    rows = per_class_rows(classes, per, opts.seed)
+    return (
+        td.train_images[rows],
+        [classes[i] for i in rows],
+        f"{len(rows)} normal training images of the checkpoint's data (never test images)",
+    )
+
+
+def nncf_quantize(
+    xml: Path,
+    items: list[dict[str, np.ndarray]],
+    accuracy_control: bool = False,
+    validation: EvalSet | None = None,
+    tokens: dict[str, np.ndarray] | None = None,
+    max_drop: float = 0.005,
+) -> Any:
+    """Run NNCF PTQ (or accuracy control) on the detector IR; returns the INT8 ov.Model."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    calib = nncf.Dataset(items)
+    common = dict(
+        model_type=nncf.ModelType.TRANSFORMER,
+        preset=nncf.QuantizationPreset.MIXED,
+        subset_size=len(items),
+    )
+    if not accuracy_control:
+        return nncf.quantize(model, calib, **common)
+    assert validation is not None and tokens is not None
+    val_items = [
+        {"image": img[None], "prompt_tokens": tokens[cls], "mask": m, "label": lab, "cls": cls}
+        for img, cls, m, lab in zip(
+            validation.images, validation.classes, validation.masks, validation.labels, strict=True
+        )
+    ]
+
+    def validate(compiled: Any, data: Any) -> float:
+        rows = list(data)
+        maps = np.empty((len(rows), *rows[0]["mask"].shape), np.float32)
+        scores = np.empty(len(rows))
+        for i, r in enumerate(rows):
+            out = compiled({"image": r["image"], "prompt_tokens": r["prompt_tokens"]})
+            maps[i] = out[compiled.output("anomaly_map")][0, 0]
+            scores[i] = float(np.asarray(out[compiled.output("image_score")]).reshape(-1)[0])
+        sub = EvalSet(
+            "",
+            np.zeros((len(rows), 1, 1, 3), np.uint8),
+            [r["cls"] for r in rows],
+            np.array([r["label"] for r in rows]),
+            np.stack([r["mask"] for r in rows]),
+        )
+        m = metrics(Outputs(maps, scores, {}), sub)["mean"]
+        return 0.5 * (m["image_auroc"] + m["pixel_ap"])
+
+    return nncf.quantize_with_accuracy_control(
+        model,
+        calib,
+        nncf.Dataset(
+            val_items, lambda r: {"image": r["image"], "prompt_tokens": r["prompt_tokens"]}
+        ),
+        validation_fn=validate,
+        max_drop=max_drop,
+        drop_type=nncf.DropType.ABSOLUTE,
+        **common,
+    )
+
+
+def gate_set(ckpt: Checkpoint, opts: QuantizeOptions, td: Any) -> EvalSet:
+    if opts.labelled is not None:
+        return labelled_set(opts.labelled, ckpt, opts.gate_per_class, opts.seed)
+    return validation_set(ckpt, td, opts.gate_per_class, opts.seed)
+
+
+def quantize_artifact(opts: QuantizeOptions) -> Path:
+    """Quantize, gate, and add `precisions.int8` to the artifact; returns model.json's path."""
+    import openvino as ov
+
+    root = opts.artifact
+    card = load_card(root, verify=True)
+    if "fp32" not in card.precisions:
+        raise LineGuardError(f"{root}: model.json lists no fp32 model to quantize")
+    ckpt_path = opts.checkpoint or Path(card.checkpoint)
+    if not str(ckpt_path) or not Path(ckpt_path).is_file():
+        raise LineGuardError(
+            f"{root}: its checkpoint {card.checkpoint or '(unknown)'} is not here; "
+            "pass --checkpoint"
+        )
+    if card.checkpoint_sha256 and sha256_file(Path(ckpt_path)) != card.checkpoint_sha256:
+        raise LineGuardError(f"{ckpt_path} is not the checkpoint {root} was exported from (sha256)")
+    ckpt = load_checkpoint(ckpt_path)
+    needs_data = opts.calib_dir is None or opts.labelled is None
+    td = normal_data(ckpt, opts.data) if needs_data else None
+    fp32_files = card.precisions["fp32"].files
+    enc_xml, det_xml = root / fp32_files["prompt_encoder"], root / fp32_files["detector"]
+    fp32 = OpenVINORunner(enc_xml, det_xml, "fp32", threads=opts.threads)
+    tokens = _class_tokens(fp32, ckpt)
+
+    images, classes, calibrated_on = calibration_images(ckpt, opts, td)
+    items = [
+        {"image": img[None], "prompt_tokens": tokens[c]}
+        for img, c in zip(images, classes, strict=True)
+    ]
+    evalset = gate_set(ckpt, opts, td)
+    log.info("calibrating on %s; gate on %s", calibrated_on, evalset.description)
+    int8_model = nncf_quantize(
+        det_xml, items, opts.accuracy_control, evalset, tokens, opts.max_drop
+    )
+    staging = root / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        ov.save_model(int8_model, str(staging / INT8_DETECTOR), compress_to_fp16=False)
+        int8 = OpenVINORunner(enc_xml, staging / INT8_DETECTOR, "int8", threads=opts.threads)
+        runs = {}
+        for name, runner in tqdm([("fp32", fp32), ("int8", int8)], desc="int8 gate", unit="model"):
+            runs[name] = run_graphs(runner, evalset, ckpt.prompts, tokens)
+        m_fp32, m_int8 = metrics(runs["fp32"], evalset), metrics(runs["int8"], evalset)
+        figures = accuracy_figures(m_fp32["mean"], m_int8["mean"])
+        check_accuracy(figures, opts.budget, evalset.description)
+        for f in staging.iterdir():
+            f.replace(root / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    parity = parity_figures(runs["fp32"], runs["int8"])
+    parity.pop("tokens_max_rel")  # same FP32 prompt encoder: identical by construction
+    card = update_card(card, figures, parity, evalset.description, calibrated_on, opts)
+    return cards.finalize(root, card)
+
+
+def update_card(
+    card: ModelCard,
+    figures: dict[str, float],
+    parity: dict[str, float],
+    evaluated_on: str,
+    calibrated_on: str,
+    opts: QuantizeOptions,
+) -> ModelCard:
+    method = "nncf accuracy control" if opts.accuracy_control else "nncf ptq"
+    budgets = {f"max_{k}_drop": v for k, v in opts.budget.model_dump().items()}
+    if opts.accuracy_control:
+        budgets["accuracy_control_max_drop"] = opts.max_drop
+    int8 = Precision(
+        files={
+            "prompt_encoder": card.precisions["fp32"].files["prompt_encoder"],
+            "detector": INT8_DETECTOR,
+        },
+        parity={f"vs_fp32_{k}": v for k, v in finite(parity).items()},
+        accuracy=finite(figures),
+        evaluated_on=f"{evaluated_on}; FP32 and INT8 both in OpenVINO f32 ({method})",
+        budgets=budgets,
+        calibrated_on=calibrated_on,
+    )
+    return card.model_copy(update={"precisions": {**card.precisions, "int8": int8}})

@@ -1,0 +1,339 @@
+"""Inference engines for a LineGuard model artifact: OpenVINO and ONNX Runtime, never torch.
+
+A station encodes its golden prompt ONCE (`encode_prompt`) and then runs `detect` on every frame
+against those tokens. Outputs are RAW (`anomaly_map` H×W, `image_score`); `normalize` applies the
+card's score normalisation so thresholds are in normalised units.
+
+Precision is an explicit, measured choice, never an accident of the CPU:
+* `fp32`  — FP32 IR with `INFERENCE_PRECISION_HINT=f32`. Without the hint OpenVINO silently runs
+  bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), which moves maps by ~1 % of their range.
+* `bf16`  — the same FP32 IR with the bf16 hint (faster where the CPU has bf16, else like fp32).
+* `int8`  — the NNCF-quantised detector (`*_int8.xml`); the ops left in float run in f32, exactly
+  as the compress stage's INT8 gate measured them. The prompt encoder stays FP32 (runs once).
+ONNX Runtime runs the ONNX graphs in fp32 only.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lineguard.runtime.artifact import ModelCard, load_card
+from lineguard.runtime.errors import LineGuardError
+
+Backend = Literal["openvino", "onnxruntime"]
+PrecisionName = Literal["fp32", "int8", "bf16"]
+BACKENDS: tuple[str, ...] = ("openvino", "onnxruntime")
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "bf16")
+
+IMAGE, TOKENS = "image", "prompt_tokens"
+ANOMALY_MAP, IMAGE_SCORE, PROMPT_TOKENS = "anomaly_map", "image_score", "prompt_tokens"
+
+#: OpenVINO inference precision per engine precision (see module docstring).
+OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+DetectResult = tuple[np.ndarray, float]
+
+
+def check_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Validate an RGB uint8 H×W×3 frame at the model input size; returns a 1×H×W×3 view."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
+        raise LineGuardError(
+            f"image must be a uint8 numpy array, got {getattr(rgb, 'dtype', type(rgb))}"
+        )
+    if rgb.shape != (size[0], size[1], 3):
+        raise LineGuardError(
+            f"image must be RGB {size[0]}x{size[1]}x3 (the model input size), got "
+            f"{rgb.shape}; resize with Engine.prepare() first"
+        )
+    return np.ascontiguousarray(rgb)[None]
+
+
+class GraphRunner:
+    """One backend's compiled prompt encoder + detector (paths, no model card needed).
+
+    The compress stage's gates use this directly on freshly exported files; stations get it
+    through `load_engine`, which reads and verifies `model.json` first.
+    """
+
+    backend: str = ""
+    precision: str = "fp32"
+    input_size: tuple[int, int] = (0, 0)
+
+    def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
+        """Golden sample RGB u8 H×W×3 -> prompt tokens float32 1×N×D."""
+        raise NotImplementedError
+
+    def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
+        """Frame RGB u8 H×W×3 + prompt tokens -> (raw anomaly map H×W float32, raw score)."""
+        raise NotImplementedError
+
+    def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
+        """Start `detect` without blocking the caller; the Future holds `(map, score)`."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Wait for in-flight async work; the runner must not be used afterwards."""
+
+
+class OpenVINORunner(GraphRunner):
+    """OpenVINO CPU runner; async detection through an `AsyncInferQueue`."""
+
+    backend = "openvino"
+
+    def __init__(
+        self,
+        encoder_xml: str | Path,
+        detector_xml: str | Path,
+        precision: str = "fp32",
+        threads: int = 2,
+        async_jobs: int = 1,
+        cache_dir: str | Path | None = None,
+        device: str = "CPU",
+        extra_config: dict[str, Any] | None = None,
+    ) -> None:
+        import openvino as ov
+
+        if precision not in OV_HINT:
+            raise LineGuardError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        self.precision = precision
+        core = ov.Core()
+        if cache_dir is not None:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if device.startswith("CPU"):
+            config["INFERENCE_PRECISION_HINT"] = OV_HINT[precision]
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        config.update(extra_config or {})
+        enc_config = (
+            {**config, "INFERENCE_PRECISION_HINT": "f32"} if device.startswith("CPU") else config
+        )
+        self._encoder = core.compile_model(_read(core, encoder_xml), device, enc_config)
+        self._detector = core.compile_model(_read(core, detector_xml), device, config)
+        shape = self._detector.input(IMAGE).get_partial_shape()
+        self.input_size = (int(shape[1].get_length()), int(shape[2].get_length()))
+        self._map_port = self._detector.output(ANOMALY_MAP)
+        self._score_port = self._detector.output(IMAGE_SCORE)
+        self._enc_request = self._encoder.create_infer_request()
+        self._request = self._detector.create_infer_request()
+        self._lock = threading.Lock()
+        self._queue = ov.AsyncInferQueue(self._detector, max(1, int(async_jobs)))
+        self._queue.set_callback(self._on_done)
+        self._queue_lock = threading.Lock()
+
+    def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
+        image = check_image(rgb, self.input_size)
+        with self._lock:
+            out = self._enc_request.infer({IMAGE: image}, share_inputs=True)
+            return np.array(out[self._encoder.output(PROMPT_TOKENS)], dtype=np.float32)
+
+    def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
+        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
+        with self._lock:
+            out = self._request.infer(inputs, share_inputs=True)
+            return _unpack(out[self._map_port], out[self._score_port])
+
+    def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
+        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
+        fut: Future[DetectResult] = Future()
+        fut.set_running_or_notify_cancel()
+        with self._queue_lock:  # start_async waits for a free request: natural backpressure
+            self._queue.start_async(inputs, fut)
+        return fut
+
+    def _on_done(self, request: Any, fut: Future[DetectResult]) -> None:
+        try:
+            fut.set_result(
+                _unpack(
+                    request.get_tensor(self._map_port).data,
+                    request.get_tensor(self._score_port).data,
+                )
+            )
+        except Exception as exc:  # surfaced to whoever waits on the future
+            fut.set_exception(exc)
+
+    def close(self) -> None:
+        self._queue.wait_all()
+
+
+class OnnxRuntimeRunner(GraphRunner):
+    """ONNX Runtime CPU runner (fp32); async detection on a small thread pool."""
+
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        encoder_onnx: str | Path,
+        detector_onnx: str | Path,
+        precision: str = "fp32",
+        threads: int = 2,
+        async_jobs: int = 1,
+    ) -> None:
+        import onnxruntime as ort
+
+        if precision != "fp32":
+            raise LineGuardError(
+                f"the onnxruntime backend runs fp32 only, not {precision!r}; "
+                "use backend='openvino' for int8/bf16"
+            )
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        self._encoder = ort.InferenceSession(_existing(encoder_onnx), opts, providers=providers)
+        self._detector = ort.InferenceSession(_existing(detector_onnx), opts, providers=providers)
+        shape = self._detector.get_inputs()[0].shape
+        self.input_size = (int(shape[1]), int(shape[2]))
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(async_jobs)))
+
+    def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
+        (tokens,) = self._encoder.run([PROMPT_TOKENS], {IMAGE: check_image(rgb, self.input_size)})
+        return np.asarray(tokens, dtype=np.float32)
+
+    def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
+        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
+        amap, score = self._detector.run([ANOMALY_MAP, IMAGE_SCORE], inputs)
+        return _unpack(amap, score)
+
+    def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
+        check_image(rgb, self.input_size)
+        return self._pool.submit(self.detect, rgb, tokens)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Engine:
+    """A loaded, verified artifact: a runner plus its model card (what stations use)."""
+
+    def __init__(self, runner: GraphRunner, card: ModelCard, artifact_dir: Path) -> None:
+        self.runner = runner
+        self.card = card
+        self.artifact_dir = artifact_dir
+        self.backend = runner.backend
+        self.precision = runner.precision
+        self.input_size = runner.input_size
+
+    def prepare(self, frame: np.ndarray) -> np.ndarray:
+        """Any RGB/gray uint8 frame -> RGB u8 at the input size with the card's resize rule."""
+        import cv2
+
+        if frame.dtype != np.uint8:
+            raise LineGuardError(f"frame must be uint8, got {frame.dtype}")
+        if frame.ndim == 2:
+            frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
+        elif frame.ndim != 3 or frame.shape[2] != 3:
+            raise LineGuardError(f"frame must be H×W×3 RGB or H×W gray, got shape {frame.shape}")
+        h, w = self.input_size
+        if frame.shape[:2] == (h, w):
+            return np.ascontiguousarray(frame)
+        interp = cv2.INTER_AREA if self.card.resize == "cv2-area" else cv2.INTER_LINEAR
+        return cv2.resize(frame, (w, h), interpolation=interp)
+
+    def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
+        """Golden sample (RGB u8 at the input size) -> prompt tokens 1×N×D, once per station."""
+        return self.runner.encode_prompt(rgb)
+
+    def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
+        """Frame (RGB u8 at the input size) -> (raw map H×W float32, raw image score)."""
+        return self.runner.detect(rgb, tokens)
+
+    def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
+        """Non-blocking `detect`; blocks only while all `async_jobs` requests are busy."""
+        return self.runner.detect_async(rgb, tokens)
+
+    def normalize(self, amap: np.ndarray, score: float) -> DetectResult:
+        """Raw outputs -> normalised units ((raw - center) / scale; 1.0 ≈ p99 of normal val)."""
+        n = self.card.score_normalization
+        map_n = (amap - np.float32(n.pixel.center)) / np.float32(n.pixel.scale)
+        return map_n.astype(np.float32, copy=False), (float(score) - n.image.center) / n.image.scale
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def load_engine(
+    artifact_dir: str | Path,
+    backend: str = "openvino",
+    precision: str = "fp32",
+    threads: int = 2,
+    async_jobs: int = 1,
+    cache_dir: str | Path | None = None,
+    verify: bool = True,
+) -> Engine:
+    """Read and verify `model.json`, then compile the graphs for `backend` at `precision`."""
+    root = Path(artifact_dir)
+    if backend not in BACKENDS:
+        raise LineGuardError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise LineGuardError(
+            f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}"
+        )
+    card = load_card(root, verify=verify)
+    if backend == "onnxruntime":
+        runner: GraphRunner = OnnxRuntimeRunner(
+            root / _graph_file(card, "prompt_encoder", "onnx", root),
+            root / _graph_file(card, "detector", "onnx", root),
+            precision=precision,
+            threads=threads,
+            async_jobs=async_jobs,
+        )
+    else:
+        files_of = "fp32" if precision == "bf16" else precision
+        if files_of not in card.precisions:
+            have = ", ".join(sorted(card.precisions)) or "none"
+            raise LineGuardError(
+                f"{root}: artifact has no {precision} model (precisions: {have}); "
+                "run `lineguard quantize --artifact` for int8"
+            )
+        files = card.precisions[files_of].files
+        runner = OpenVINORunner(
+            root
+            / files.get("prompt_encoder", _graph_file(card, "prompt_encoder", "openvino", root)),
+            root / files["detector"],
+            precision=precision,
+            threads=threads,
+            async_jobs=async_jobs,
+            cache_dir=cache_dir,
+        )
+    if tuple(runner.input_size) != tuple(card.input_size):
+        raise LineGuardError(
+            f"{root}: graphs take {runner.input_size} but model.json says {card.input_size}"
+        )
+    return Engine(runner, card, root)
+
+
+def _graph_file(card: ModelCard, graph: str, fmt: str, root: Path) -> str:
+    files = getattr(card, graph).files
+    if fmt not in files:
+        raise LineGuardError(f"{root}: model.json lists no {fmt} file for {graph}")
+    return files[fmt]
+
+
+def _existing(path: str | Path) -> str:
+    if not Path(path).is_file():
+        raise LineGuardError(f"model file {path} does not exist")
+    return str(path)
+
+
+def _read(core: Any, xml: str | Path) -> Any:
+    return core.read_model(_existing(xml))
+
+
+def _tokens(tokens: np.ndarray) -> np.ndarray:
+    t = np.asarray(tokens, dtype=np.float32)
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3 or t.shape[0] != 1:
+        raise LineGuardError(f"prompt tokens must be 1×N×D (from encode_prompt), got {t.shape}")
+    return np.ascontiguousarray(t)
+
+
+def _unpack(amap: Any, score: Any) -> DetectResult:
+    m = np.array(amap, dtype=np.float32).reshape(amap.shape[-2:])
+    return m, float(np.asarray(score).reshape(-1)[0])

@@ -1,0 +1,152 @@
+"""Export: graphs reproduce PyTorch, the parity gate refuses broken graphs, model.json is sound."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from lineguard.compress import export as export_mod
+from lineguard.compress.card import SCHEMA_PATH, model_schema
+from lineguard.compress.checkpoint import load_checkpoint
+from lineguard.compress.evalsets import parity_set, try_normal_data
+from lineguard.compress.export import ExportOptions, export_artifact
+from lineguard.compress.gates import (
+    GateError,
+    ParityBudget,
+    check_parity,
+    parity_figures,
+    run_graphs,
+    run_torch,
+)
+from lineguard.compress.graphs import to_model_input
+from lineguard.runtime.artifact import load_card, sha256_file
+from lineguard.runtime.engine import OpenVINORunner, load_engine
+from lineguard.runtime.errors import LineGuardError
+
+
+def _frames(n: int, size: int, seed: int) -> np.ndarray:
+    """Random-ish RGB frames not seen by the gate (smooth blobs + noise)."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8)
+    up = np.stack([cv2.resize(x, (size, size), interpolation=cv2.INTER_CUBIC) for x in low])
+    return np.clip(up + rng.normal(0, 6, up.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_graphs_match_pytorch(artifact, checkpoint, backend):
+    ckpt = load_checkpoint(checkpoint)
+    model = ckpt.build_model()
+    engine = load_engine(artifact, backend=backend, precision="fp32", threads=2)
+    frames = _frames(4, ckpt.input_size, seed=7)
+    prompt = ckpt.prompts[ckpt.classes[0]]
+    with torch.no_grad():
+        ref_tok = model.encode_prompt(to_model_input(torch.from_numpy(prompt[None])))
+        ref_map, ref_score = model.detect(to_model_input(torch.from_numpy(frames)), ref_tok)
+    tokens = engine.encode_prompt(prompt)
+    assert tokens.shape == tuple(ref_tok.shape)
+    np.testing.assert_allclose(tokens, ref_tok.numpy(), rtol=1e-4, atol=1e-4)
+    span = float(ref_map.max() - ref_map.min())
+    for i, frame in enumerate(frames):
+        amap, score = engine.detect(frame, tokens)
+        assert amap.shape == (ckpt.input_size, ckpt.input_size) and amap.dtype == np.float32
+        assert np.abs(amap - ref_map[i, 0].numpy()).max() <= 1e-4 * span
+        assert score == pytest.approx(float(ref_score[i]), rel=1e-4)
+
+
+def test_model_json_validates_and_describes_the_artifact(artifact, checkpoint):
+    schema = json.loads(SCHEMA_PATH.read_text())
+    assert schema == model_schema(), "schemas/model.schema.json is stale: run card.write_schema()"
+    raw = json.loads((artifact / "model.json").read_text())
+    jsonschema.validate(raw, schema)
+    card = load_card(artifact, verify=True)
+    ckpt = load_checkpoint(checkpoint)
+    files = {p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()}
+    assert set(card.sha256) == files - {"model.json"}
+    assert card.checkpoint_sha256 == sha256_file(checkpoint)
+    assert card.input_size == [ckpt.input_size] * 2 and card.color_order == "RGB"
+    assert card.resize == "cv2-area" and card.layout == "NHWC"
+    assert card.classes == ckpt.classes
+    assert card.score_normalization.image.center == pytest.approx(
+        ckpt.calibration["image"]["center"]
+    )
+    assert card.score_normalization.pixel.scale == pytest.approx(ckpt.calibration["pixel"]["scale"])
+    for cls, rel in card.prompts.items():
+        png = cv2.cvtColor(cv2.imread(str(artifact / rel)), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(png, ckpt.prompts[cls])
+    fp32 = card.precisions["fp32"]
+    for key in ("map_max_rel", "map_mean_rel", "score_max_rel", "tokens_max_rel"):
+        for backend in ("onnxruntime", "openvino"):
+            assert 0 <= fp32.parity[f"{backend}_{key}"] <= fp32.budgets[f"parity_{key}"]
+    assert [t.name for t in card.detector.inputs] == ["image", "prompt_tokens"]
+    assert [t.name for t in card.detector.outputs] == ["anomaly_map", "image_score"]
+
+
+def _perturb_bin(xml: Path) -> None:
+    """Scale the largest float constant of an IR by 1.5 (a 'corrupted' weight tensor)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    consts = [
+        op
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.f32
+    ]
+    biggest = max(consts, key=lambda c: int(np.prod(c.get_output_shape(0))))
+    scaled = ov.op.Constant(np.ascontiguousarray(biggest.get_data() * np.float32(1.5)))
+    for target in list(biggest.output(0).get_target_inputs()):
+        target.replace_source_output(scaled.output(0))
+    tmp = xml.with_name("corrupt.xml")
+    ov.save_model(model, str(tmp), compress_to_fp16=False)  # not over the mmapped original
+    del model, consts, biggest
+    tmp.replace(xml)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+
+
+def test_parity_gate_refuses_a_broken_graph(artifact, checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    _perturb_bin(broken / "detector.xml")
+    ckpt = load_checkpoint(checkpoint)
+    evalset = parity_set(ckpt, try_normal_data(ckpt, None))
+    ref = run_torch(ckpt.build_model(), evalset, ckpt.prompts)
+    good = OpenVINORunner(artifact / "prompt_encoder.xml", artifact / "detector.xml", "fp32")
+    bad = OpenVINORunner(broken / "prompt_encoder.xml", broken / "detector.xml", "fp32")
+    figures = {"openvino": parity_figures(ref, run_graphs(good, evalset, ckpt.prompts))}
+    check_parity(figures, ParityBudget(), "test")  # the intact graph passes
+    figures["openvino"] = parity_figures(ref, run_graphs(bad, evalset, ckpt.prompts))
+    with pytest.raises(GateError, match=r"openvino map_max_rel = .* > 1\.0e-03 \(.*x the budget\)"):
+        check_parity(figures, ParityBudget(), "test")
+
+
+def test_failed_gate_writes_no_artifact(checkpoint, tmp_path, monkeypatch):
+    convert = export_mod.onnx_to_openvino
+
+    def convert_and_corrupt(onnx_path, xml_path):
+        convert(onnx_path, xml_path)
+        if xml_path.name == "detector.xml":
+            _perturb_bin(xml_path)
+        return xml_path
+
+    monkeypatch.setattr(export_mod, "onnx_to_openvino", convert_and_corrupt)
+    out = tmp_path / "art"
+    with pytest.raises(GateError) as err:
+        export_artifact(ExportOptions(checkpoint=checkpoint, out=out))
+    assert "openvino map_max_rel" in str(err.value)
+    assert "onnxruntime" not in str(err.value)  # the ONNX graph itself was fine
+    assert not (out / "model.json").exists()
+    assert not list(out.glob("*.xml")) and not list(out.glob("*.onnx"))
+
+
+def test_export_refuses_other_size_and_occupied_folder(checkpoint, artifact, tmp_path):
+    with pytest.raises(LineGuardError, match="trained at 64 px"):
+        export_artifact(ExportOptions(checkpoint=checkpoint, out=tmp_path / "a", size=96))
+    with pytest.raises(LineGuardError, match="not empty; pass --force"):
+        export_artifact(ExportOptions(checkpoint=checkpoint, out=artifact))
+    assert (artifact / "model.json").is_file()  # untouched
