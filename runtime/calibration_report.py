@@ -20,6 +20,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from lineguard.runtime import calibration as cal
 from lineguard.runtime.calibration_scoring import ScoreSet
 from lineguard.runtime.events import iso

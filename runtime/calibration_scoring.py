@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from lineguard.runtime.calibration import PixelTail
 from lineguard.runtime.config import StationConfig
 from lineguard.runtime.errors import LineGuardError
@@ -153,6 +154,7 @@ def folder_frames(path: str | Path, recursive: bool = False) -> Iterator[tuple[s
     `camera.to_rgb_u8`); with `recursive`, sub-folders too (e.g. MVTec `test/<defect type>/`).
     Files OpenCV cannot decode are skipped with a warning."""
     import cv2
+
     from lineguard.camera import to_rgb_u8
 
     root = Path(path)
