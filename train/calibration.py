@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
 from lineguard.train.torch_model import OneNIP
 
 

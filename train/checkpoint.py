@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.torch_model import OneNIP, OneNIPConfig
 

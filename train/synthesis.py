@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
 from lineguard.train.perlin import perlin_mask
 from lineguard.train.textures import TextureKind, TextureSource
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Generator = np.random.Generator
 

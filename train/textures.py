@@ -24,6 +24,7 @@ from typing import Literal
 
 import cv2
 import numpy as np
+
 from lineguard.train.perlin import fractal_noise
 
 TextureKind = Literal["procedural", "images", "mixed"]

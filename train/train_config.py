@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
 from lineguard.runtime.config_loader import ConfigError, ConfigIssue, display_path, parse_yaml
 from lineguard.train.synthesis import SynthesisConfig
 from lineguard.train.torch_model import OneNIPConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.data import Sample, scan_folder, scan_mvtec, split_validation
 from lineguard.train.pack import Pack, build_pack, load_pack

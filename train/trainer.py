@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.calibration import calibrate, fused, score_parts, to_tensor
 from lineguard.train.checkpoint import FORMAT, read_checkpoint, save_checkpoint
@@ -36,8 +39,6 @@ from lineguard.train.train_data import (
     load_training_data,
     make_synthesizer,
 )
-from torch import nn
-from tqdm import tqdm
 
 
 @dataclass

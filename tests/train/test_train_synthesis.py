@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.train.perlin import fade, perlin_mask, perlin_noise
 from lineguard.train.synthesis import (
     DefectSynthesizer,
