@@ -3,9 +3,10 @@
 A recipe names its data, the model architecture (:class:`OneNIPConfig`), the synthesis mix and
 the optimisation schedule of the official code (spec §9), scaled to any epoch count: AdamW
 (lr 1e-4, wd 1e-4), StepLR ×0.1 at 80 % of the epochs, gradient-norm clip 0.1, batch 8 per
-process. Relative DATA paths in a YAML file are resolved against the file's folder, so a recipe
-finds its data from any working directory; outputs (``out_dir``, ``resume``) and paths given on
-the command line are relative to the working directory.
+process. Relative paths written in a YAML file (data, ``out_dir``, ``resume``) are resolved
+against the file's folder, as in the runtime's configs, so a recipe works from any working
+directory; paths given on the command line, and the default ``out_dir``, are relative to the
+working directory.
 """
 
 from __future__ import annotations
@@ -104,15 +105,13 @@ class TrainConfig(BaseModel):
         True,
         title="compute frozen-backbone features of normal images once (exact: no augmentation)",
     )
-    out_dir: Path = Field(
-        Path("runs/train"), title="folder for checkpoints and the log (relative to the cwd)"
-    )
+    out_dir: Path = Field(Path("runs/train"), title="folder for checkpoints and the training log")
     checkpoint_every: int = Field(
         10, ge=0, title="write last.pt every N epochs (0 = only at the end)"
     )
-    resume: Path | None = Field(
-        None, title="checkpoint to continue from (same data and model; relative to the cwd)"
-    )
+    resume: Path | None = Field(None, title="checkpoint to continue from (same data and model)")
+
+    _abs = field_validator("out_dir", "resume")(_resolve)
 
     def step_size(self) -> int:
         """Epochs at the initial lr before the StepLR drop (spec: 800 of 1000)."""

@@ -44,6 +44,21 @@ def test_shipped_recipes_validate(recipe: Path) -> None:
         assert src.root.is_absolute()  # resolved against the recipe's folder
 
 
+def test_yaml_paths_are_relative_to_the_file_cli_paths_to_the_cwd(tmp_path) -> None:
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    (sub / "r.yaml").write_text(
+        "data:\n  mvtec: [{root: ../data}]\n  folders: [{path: caps, category: x}]\n"
+        "out_dir: ../out\n"
+    )
+    cfg = load_train_config(sub / "r.yaml")
+    assert cfg.data.mvtec[0].root.resolve() == (tmp_path / "data").resolve()
+    assert cfg.data.folders[0].path.resolve() == (sub / "caps").resolve()
+    assert cfg.out_dir.resolve() == (tmp_path / "out").resolve()
+    over = load_train_config(sub / "r.yaml", {"epochs": 7, "data": {"mvtec": []}})
+    assert over.epochs == 7 and over.data.mvtec == [] and len(over.data.folders) == 1
+
+
 def test_expected_recipes_exist() -> None:
     names = {p.name for p in RECIPES}
     assert {"piped.yaml", "mtd.yaml", "cpu_small.yaml", "tiny_test.yaml"} <= names
