@@ -378,8 +378,15 @@ def test_live_rollback_target_is_a_stack_over_the_runtime_audit_entries(tmp_path
     assert live_rollback_target(audit, cfg)[1]["image"] == 2.0
     live(3.0, 2.0, "rollback:1")
     assert live_rollback_target(audit, cfg)[1]["image"] == 1.0
-    audit.append(station="s1", line="line1", by="x", reason="r", old=None, new=None,
-                 action="threshold/shadow")  # fmt: skip
+    audit.append(
+        station="s1",
+        line="line1",
+        by="x",
+        reason="r",
+        old=None,
+        new=None,
+        action="threshold/shadow",
+    )
     assert live_rollback_target(audit, cfg)[1]["image"] == 1.0
 
 
@@ -417,8 +424,18 @@ def test_cli_preview_apply_from_report_and_rollback(world, tmp_path, capsys):
     with pytest.raises(LineGuardError, match="audited"):
         _cli(*common, "--apply", "config", "--reason", "x")
     args = ["--station", str(station), "--site", str(site), "--by", "alice"]
-    assert _cli(*args, "--from-report", str(out / "calibration.json"), "--apply", "config",
-                "--reason", "new lens") == 0  # fmt: skip
+    assert (
+        _cli(
+            *args,
+            "--from-report",
+            str(out / "calibration.json"),
+            "--apply",
+            "config",
+            "--reason",
+            "new lens",
+        )
+        == 0
+    )
     cfg = load_station(station)
     assert cfg.thresholds.image == report["proposed"]["image"]
     assert cfg.thresholds.pixel == report["proposed"]["pixel"]
@@ -441,8 +458,18 @@ def test_cli_live_change_without_broker_is_a_clear_error(world, tmp_path):
     station = write_station(tmp_path / "stations", world["artifact"])
     site = write_site(tmp_path, "stations/*.yaml")
     with pytest.raises(LineGuardError, match="no broker"):
-        _cli("--station", str(station), "--site", str(site), "--folder", str(world["normal"]),
-             "--apply", "mqtt", "--reason", "x")  # fmt: skip
+        _cli(
+            "--station",
+            str(station),
+            "--site",
+            str(site),
+            "--folder",
+            str(world["normal"]),
+            "--apply",
+            "mqtt",
+            "--reason",
+            "x",
+        )
 
 
 def test_calibration_modules_import_no_torch_sklearn_scipy_or_matplotlib():
