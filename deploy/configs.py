@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from lineguard.runtime.artifact import MODEL_JSON
 from lineguard.runtime.errors import LineGuardError
 

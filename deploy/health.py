@@ -66,6 +66,7 @@ def check_configs(release: Path, manifest: Manifest, on_edge: bool = True) -> st
 def _read_prompt(path: Path):
     import cv2
     import numpy as np
+
     from lineguard.camera.frame import to_rgb_u8
 
     image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)

@@ -14,9 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from lineguard.runtime.artifact import MODEL_JSON, ModelCard, sha256_file
 from lineguard.runtime.errors import LineGuardError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 BUNDLE_FORMAT = "lineguard-bundle/1"
 MANIFEST = "manifest.json"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LINEGUARD, history
+from deploy_testkit import LINEGUARD, history
+
 from lineguard.deploy.signing import generate_keypair
 
 PLAYBOOK = Path(__file__).resolve().parents[2] / "deploy" / "ansible" / "rollout.yml"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli, flip_one_byte, make_artifact
+from deploy_testkit import cli, flip_one_byte, make_artifact
+
 from lineguard.deploy.build import build_bundle
 from lineguard.deploy.bundle import verify_bundle
 from lineguard.deploy.signing import generate_keypair

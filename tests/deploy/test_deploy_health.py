@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_artifact, make_stations, tree, write_site
+from deploy_testkit import make_artifact, make_stations, tree, write_site
+
 from lineguard.deploy.build import build_bundle
 from lineguard.deploy.health import HealthError
 from lineguard.deploy.install import Options, install

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LINEGUARD, cli, flip_one_byte, history, tree
+from deploy_testkit import LINEGUARD, cli, flip_one_byte, history, tree
+
 from lineguard.deploy.build import stage_bundle
 from lineguard.deploy.bundle import write_archive
 from lineguard.deploy.health import HealthError

@@ -11,7 +11,8 @@ import jsonschema
 import paho.mqtt.client as mqtt
 import paho.mqtt.publish as publish
 import pytest
-from conftest import write_site
+from deploy_testkit import write_site
+
 from lineguard.deploy import mqtt_state
 from lineguard.deploy.health import HealthError
 from lineguard.deploy.install import Options, install, rollback
@@ -127,7 +128,8 @@ def test_installed_release_runs_from_current(deploy_broker, workspace, tmp_path)
     import cv2
     import numpy as np
     import yaml
-    from conftest import LINEGUARD
+    from deploy_testkit import LINEGUARD
+
     from lineguard.deploy.build import build_bundle
 
     host, port = deploy_broker

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lineguard.deploy.health import HealthError
 from lineguard.deploy.install import Options, install
 

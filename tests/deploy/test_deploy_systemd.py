@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import LINEGUARD, cli
+from deploy_testkit import LINEGUARD, cli
+
 from lineguard.deploy.service import UNIT_TEMPLATE, render_unit
 
 ANALYZE = shutil.which("systemd-analyze")
