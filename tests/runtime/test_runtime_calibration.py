@@ -483,3 +483,34 @@ def test_calibration_modules_import_no_torch_sklearn_scipy_or_matplotlib():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def test_calibration_benchmark_on_a_tiny_dataset(tmp_path):
+    """benchmarks/calibration.py end to end: one station per class, thresholds from train/good
+    only, FPR on test/good and recall on the defect folders, in the issue's result format."""
+    art = make_artifact(tmp_path / "artifact", classes=("widget", "gadget"))
+    rng = np.random.default_rng(4)
+    root = tmp_path / "data" / "tiny"
+    for cls in ("widget", "gadget"):
+        write_images(root / cls / "train" / "good", [normal_image(rng, cls) for _ in range(60)])
+        write_images(root / cls / "test" / "good", [normal_image(rng, cls) for _ in range(30)])
+        write_images(root / cls / "test" / "spot", [defect_image(rng, cls) for _ in range(8)])
+        write_images(root / cls / "test" / "dent", [defect_image(rng, cls) for _ in range(4)])
+    out = tmp_path / "calibration_tiny.json"
+    script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
+    cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
+    cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["target_far"] == 0.01 and set(result["per_station"]) == {"widget", "gadget"}
+    for r in result["per_station"].values():
+        assert {"image_threshold", "test_fpr", "test_recall"} <= set(r)
+        assert r["train_good"] == 60 and r["test_good"] == 30 and r["test_defective"] == 12
+        assert 0.0 <= r["test_fpr"] <= 0.034  # at most one of 30 normal test images
+        assert r["test_recall"] == 1.0 and r["prompt"] == "artifact"
+    assert set(result["mean"]) == {"test_fpr", "test_recall"}
+    assert result["mean"]["test_recall"] == 1.0

@@ -1,0 +1,208 @@
+"""Calibration benchmark: thresholds from normal TRAINING images only, checked on the test split.
+
+One station per class of an MVTec-layout dataset (`<root>/<class>/train/good`, `test/good`,
+`test/<defect type>`), each with the artifact's golden prompt for that class (`model.json`
+`prompts`; else the first train/good image), no ROI or masks. For each station,
+`lineguard calibrate`'s fitting proposes image and pixel thresholds for `--target-far` (default
+1 %) from the train/good images scored through the station pipeline; then test/good and the
+defective test images are scored through the same pipeline and judged with those thresholds:
+
+* `test_fpr`    — fraction of test/good images the station would alert on,
+* `test_recall` — fraction of defective test images it would alert on,
+
+both at the decision level (image score ≥ image threshold and a region at the pixel threshold,
+as the runtime decides); the image-score-only figures are reported next to them.
+Train/good images were seen in training, so their scores can be optimistic (lower) compared with
+unseen normal parts: the confidence margin is what protects the false-alarm rate.
+
+    .venv/bin/python benchmarks/calibration.py --artifact runs/art --data /work/shared/data \
+        --dataset piped        # -> benchmarks/results/calibration_piped.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _station(cls: str, dataset: str, artifact: Path, prompt: Path, engine: str, precision: str):
+    from lineguard.runtime.config import StationConfig
+
+    sid = re.sub(r"[^A-Za-z0-9_.-]", "_", cls) or "station"
+    return StationConfig.model_validate(
+        {
+            "station_id": sid,
+            "line_id": re.sub(r"[^A-Za-z0-9_.-]", "_", dataset) or "line",
+            "model": str(artifact),
+            "engine": engine,
+            "precision": precision,
+            "threads": 2,
+            "camera": {"kind": "folder", "path": str(prompt.parent)},
+            "prompt": {"image": str(prompt)},
+        }
+    )
+
+
+def _prompt(artifact: Path, card: Any, root: Path, cls: str) -> tuple[Path, str]:
+    rel = card.prompts.get(cls)
+    if rel and (artifact / rel).is_file():
+        return artifact / rel, "artifact"
+    first = sorted(p for p in (root / cls / "train" / "good").iterdir() if p.is_file())[0]
+    return first, "first train/good image"
+
+
+def _defect_dirs(root: Path, cls: str) -> list[Path]:
+    test = root / cls / "test"
+    return sorted(d for d in test.iterdir() if d.is_dir() and d.name != "good")
+
+
+def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) -> dict[str, Any]:
+    from lineguard.runtime.calibration_report import make_report
+    from lineguard.runtime.calibration_scoring import ScoreSet, folder_frames
+
+    normal = scorer.score_all(folder_frames(root / cls / "train" / "good"), True, f"{cls} train")
+    report = make_report(
+        station={"id": scorer.cfg.station_id, "line": scorer.cfg.line_id},
+        normal=normal,
+        defects=None,
+        old=scorer.active.as_dict(),
+        target_far=args.target_far,
+        confidence=args.confidence,
+        pixel_rate=args.pixel_rate,
+        require_region=scorer.pipeline.require_region,
+        seed=args.seed,
+    )
+    t_img, t_pix = report["proposed"]["image"], report["proposed"]["pixel"]
+    good = scorer.score_all(folder_frames(root / cls / "test" / "good"), False, f"{cls} test/good")
+    bad = ScoreSet()
+    for d in _defect_dirs(root, cls):
+        part = scorer.score_all(folder_frames(d), False, f"{cls} test/{d.name}")
+        bad.names += [f"{d.name}/{n}" for n in part.names]
+        bad.image += part.image
+        bad.region += part.region
+    rr = scorer.pipeline.require_region
+
+    def rate(s: ScoreSet, image_only: bool = False) -> float | None:
+        if not len(s):
+            return None
+        scores = s.arrays()[0] if image_only else s.decision_scores(t_pix, rr)
+        return float(np.mean(scores >= t_img))
+
+    return {
+        "image_threshold": t_img,
+        "pixel_threshold": t_pix,
+        "test_fpr": rate(good),
+        "test_recall": rate(bad),
+        "image_only": {"test_fpr": rate(good, True), "test_recall": rate(bad, True)},
+        "estimate": report["image"]["estimate"],
+        "margin": report["image"]["margin"],
+        "method": report["image"]["method"],
+        "train_good": len(normal),
+        "test_good": len(good),
+        "test_defective": len(bad),
+        "train_alarm_rate": report["normal"]["at_proposed"]["normal_alarm_rate"],
+        "warnings": report["warnings"],
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2%}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--artifact", type=Path, required=True, help="model artifact folder")
+    p.add_argument("--data", type=Path, required=True, help="data root (or the dataset folder)")
+    p.add_argument("--dataset", required=True, help="dataset name, e.g. piped or mtd")
+    p.add_argument("--classes", nargs="*", help="classes to run (default: all with train/good)")
+    p.add_argument("--target-far", type=float, default=0.01)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--pixel-rate", type=float, default=0.001)
+    p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
+    p.add_argument(
+        "--precision",
+        choices=("int8", "fp32", "bf16"),
+        default=None,
+        help="default: int8 when the artifact has it (the edge default), else fp32",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="result JSON (default results/calibration_<dataset>)")
+    args = p.parse_args(argv)
+    args.artifact = args.artifact.absolute()
+
+    from lineguard.runtime.artifact import load_card
+    from lineguard.runtime.calibration_scoring import StationScorer
+    from lineguard.runtime.engine import load_engine
+
+    root = args.data / args.dataset if (args.data / args.dataset).is_dir() else args.data
+    card = load_card(args.artifact)
+    precision = args.precision or ("int8" if "int8" in card.precisions else "fp32")
+    if args.engine == "onnxruntime":
+        precision = "fp32"
+    classes = args.classes or sorted(
+        d.name for d in root.iterdir() if (d / "train" / "good").is_dir()
+    )
+    if not classes:
+        print(f"no class folders with train/good under {root}", file=sys.stderr)
+        return 2
+    engine = load_engine(args.artifact, backend=args.engine, precision=precision, threads=2)
+    started = time.time()
+    per_station: dict[str, Any] = {}
+    try:
+        for cls in classes:
+            prompt, prompt_from = _prompt(args.artifact, card, root, cls)
+            cfg = _station(cls, args.dataset, args.artifact, prompt, args.engine, precision)
+            scorer = StationScorer(cfg, engine=engine)
+            per_station[cls] = {**evaluate_class(scorer, root, cls, args), "prompt": prompt_from}
+            r = per_station[cls]
+            print(
+                f"{cls}: image threshold {r['image_threshold']:.4g} ({r['method']}), "
+                f"test FPR {_pct(r['test_fpr'])} of {r['test_good']}, "
+                f"recall {_pct(r['test_recall'])} of {r['test_defective']}"
+            )
+    finally:
+        engine.close()
+
+    def mean(key: str) -> float | None:
+        vals = [r[key] for r in per_station.values() if r[key] is not None]
+        return float(np.mean(vals)) if vals else None
+
+    result = {
+        "target_far": args.target_far,
+        "per_station": per_station,
+        "mean": {"test_fpr": mean("test_fpr"), "test_recall": mean("test_recall")},
+        "dataset": args.dataset,
+        "confidence": args.confidence,
+        "pixel_rate": args.pixel_rate,
+        "decision": "image score >= image_threshold and a region >= min_area_px at the pixel "
+        "threshold (the runtime's rule); thresholds from train/good only",
+        "artifact": {
+            "name": card.name,
+            "model_json_sha256": hashlib.sha256(
+                (args.artifact / "model.json").read_bytes()
+            ).hexdigest(),
+        },
+        "engine": args.engine,
+        "precision": precision,
+        "seconds": round(time.time() - started, 1),
+    }
+    out = args.out or RESULTS / f"calibration_{args.dataset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    m = result["mean"]
+    print(f"mean test FPR {_pct(m['test_fpr'])}, recall {_pct(m['test_recall'])} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
