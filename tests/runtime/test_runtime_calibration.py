@@ -454,6 +454,22 @@ def test_cli_preview_apply_from_report_and_rollback(world, tmp_path, capsys):
         _cli("--station", str(other), "--from-report", str(out / "calibration.json"))
 
 
+def test_cli_scores_frames_from_the_stations_own_camera(world, tmp_path, capsys):
+    cam = f"{{kind: folder, path: {world['normal']}}}"
+    station = write_station(tmp_path / "stations", world["artifact"], camera=cam)
+    out = tmp_path / "rep"
+    args = ["--station", str(station), "--frames", "30", "--every", "2", "--out", str(out)]
+    assert _cli(*args, "--target-far", "0.05") == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["source"] == {"kind": "camera", "camera": "folder", "every": 2, "frames": 30}
+    assert report["normal"]["frames"] == 30
+    # every second frame, as the camera delivers them
+    assert report["scores"]["normal"]["names"][:2] == ["frame-0", "frame-2"]
+    # a finite camera that ends before N frames is a clear error
+    with pytest.raises(LineGuardError, match="ended after 80 of 100 frames"):
+        _cli("--station", str(station), "--frames", "100", "--out", str(out))
+
+
 def test_cli_live_change_without_broker_is_a_clear_error(world, tmp_path):
     station = write_station(tmp_path / "stations", world["artifact"])
     site = write_site(tmp_path, "stations/*.yaml")
