@@ -139,7 +139,9 @@ def test_calibrate_applies_live_from_the_next_frame_audits_and_rolls_back(live):
         "recalibrate after relamping",
     )
     assert rc == 0
-    proposed = json.loads((out / "calibration.json").read_text())["proposed"]
+    report = json.loads((out / "calibration.json").read_text())
+    proposed = report["proposed"]
+    assert proposed["image"] > max(report["scores"]["normal"]["image"])  # the replayed frames
     state = _state(sub, "s1", "calibrate:")
     assert state["active"]["image"] == proposed["image"] and state["changed_by"] == "qa-anna"
     changed_at = _t(state["ts"])
