@@ -112,10 +112,11 @@ def export_graphs(
 ) -> None:
     """Both graphs as ONNX and OpenVINO IR FP32 into `out`."""
     size = int(model.cfg.input_size)
-    image = torch.randint(0, 256, (1, size, size, 3), dtype=torch.uint8)
+    # torch.export specialises size-1 axes, so a dynamic batch needs an example batch of 2
+    image = torch.randint(0, 256, (2 if dynamic_batch else 1, size, size, 3), dtype=torch.uint8)
     encoder = PromptEncoderGraph(model)
     with torch.no_grad():
-        tokens = encoder(image)
+        tokens = encoder(image[:1])
     steps = [
         (
             "prompt_encoder.onnx",

@@ -16,20 +16,6 @@ from lineguard.compress.quantize import INT8_DETECTOR, QuantizeOptions, quantize
 from lineguard.runtime.artifact import load_card
 from lineguard.runtime.engine import load_engine
 
-#: The fixture model has a RANDOM transformer head (no training in unit tests), so its maps carry
-#: little signal and a handful of gate images swing AUROC by several points under any
-#: perturbation. This test is about the INT8 artifact itself; budgets are opened on purpose and
-#: the gate's refusal is tested below with a deliberately broken INT8 model.
-OPEN = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0)
-
-
-@pytest.fixture(scope="module")
-def int8_artifact(tmp_path_factory, artifact):
-    out = tmp_path_factory.mktemp("int8") / "tiny"
-    shutil.copytree(artifact, out)
-    quantize_artifact(QuantizeOptions(artifact=out, calib_images=16, budget=OPEN))
-    return out
-
 
 def test_int8_artifact_loads_runs_and_is_smaller(int8_artifact):
     card = load_card(int8_artifact, verify=True)  # every file, INT8 ones included, hashed

@@ -1,0 +1,361 @@
+"""Edge latency: PyTorch vs ONNX Runtime vs OpenVINO f32 / bf16 / INT8 on this CPU.
+
+One run, batch 1, `--threads` CPU threads (default 2, the edge PC), at each input size:
+* `detector` scope: one `detect(frame at input size, prompt tokens)` call of the engine;
+* `end_to_end` scope: JPEG camera frame bytes -> cv2 decode -> RGB -> INTER_AREA resize ->
+  detect -> score normalisation and pixel/image threshold (what a station does per frame).
+Engines are timed in interleaved rounds so background load hits them alike. fps = 1000 / mean ms
+of the sequential loop. size_mb = the files the engine loads (prompt encoder + detector).
+
+Default model: the real lite2 configuration (hidden 256, 4+4 layers, pretrained backbone from the
+weight package, random transformer head: latency does not depend on the head's values), INT8
+calibrated on synthetic frames. `--artifact DIR` times a real exported+quantized artifact instead.
+
+    .venv/bin/python benchmarks/edge_latency.py                   # 224 and 256, writes results
+    .venv/bin/python benchmarks/edge_latency.py --artifact runs/art --out /tmp/lat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ENGINES = ("pytorch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")
+RESULTS = Path(__file__).parent / "results"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = info.get("Model name", "").strip() or platform.machine()
+    flags = info.get("Flags", "")
+    extras = [
+        f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_int8") if f in flags.split()
+    ]
+    return f"{name} ({', '.join(extras)})" if extras else name
+
+
+def synthetic_frames(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    """Smooth random scenes with sensor noise (RGB uint8), for calibration and timing."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        low = rng.integers(0, 256, (max(2, h // 32), max(2, w // 32), 3)).astype(np.uint8)
+        up = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        out[i] = np.clip(up + rng.normal(0, 4, up.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def file_mb(*paths: Path) -> float:
+    return round(sum(p.stat().st_size for p in paths) / 1e6, 2)
+
+
+def build_random(size: int, work: Path, threads: int, calib: int) -> dict:
+    """Export + INT8-quantize a random-head lite2 OneNIP at `size` into `work`."""
+    import torch
+
+    from lineguard.compress.export import export_graphs
+    from lineguard.compress.quantize import INT8_DETECTOR, nncf_quantize
+    from lineguard.runtime.engine import OpenVINORunner
+    from lineguard.train.torch_model import OneNIP, OneNIPConfig
+
+    torch.manual_seed(0)
+    model = OneNIP(OneNIPConfig(input_size=size), pretrained=True).eval()
+    work.mkdir(parents=True, exist_ok=True)
+    export_graphs(model, work, dynamic_batch=False)
+    fp32 = OpenVINORunner(work / "prompt_encoder.xml", work / "detector.xml", "fp32", threads)
+    frames = synthetic_frames(calib + 1, size, size, seed=1)
+    tokens = fp32.encode_prompt(frames[0])
+    items = [{"image": f[None], "prompt_tokens": tokens} for f in frames[1:]]
+    import openvino as ov
+
+    int8 = nncf_quantize(work / "detector.xml", items)
+    ov.save_model(int8, str(work / INT8_DETECTOR), compress_to_fp16=False)
+    torch.save(model.state_dict(), work / "state_dict.pt")
+    return {
+        "model": model,
+        "dir": work,
+        "int8": work / INT8_DETECTOR,
+        "prompt": frames[0],
+        "norm": (0.0, 1.0, 0.0, 1.0),
+        "thresholds": (1.0, 1.0),
+    }
+
+
+def from_artifact(artifact: Path) -> dict:
+    """A real artifact (with INT8) and the PyTorch model of its checkpoint."""
+    import torch
+
+    from lineguard.compress.checkpoint import load_checkpoint
+    from lineguard.runtime.artifact import load_card
+
+    card = load_card(artifact)
+    if "int8" not in card.precisions:
+        raise SystemExit(f"{artifact}: no int8 model; run `lineguard quantize` first")
+    ckpt = load_checkpoint(card.checkpoint)
+    model = ckpt.build_model()
+    state = Path(tempfile.mkdtemp(prefix="lat-")) / "state_dict.pt"
+    torch.save(model.state_dict(), state)
+    n = card.score_normalization
+    bgr = cv2.imread(str(artifact / card.prompts[card.classes[0]]))
+    return {
+        "model": model,
+        "dir": artifact,
+        "int8": artifact / card.precisions["int8"].files["detector"],
+        "prompt": np.ascontiguousarray(bgr[..., ::-1]),
+        "state": state,
+        "norm": (n.image.center, n.image.scale, n.pixel.center, n.pixel.scale),
+        "thresholds": (card.thresholds.image, card.thresholds.pixel),
+    }
+
+
+def engines(built: dict, threads: int) -> dict[str, tuple[Callable, float]]:
+    """name -> (detect(rgb) -> (map, score), size_mb)."""
+    import torch
+
+    from lineguard.compress.graphs import to_model_input
+    from lineguard.runtime.engine import OnnxRuntimeRunner, OpenVINORunner
+
+    torch.set_num_threads(threads)
+    d: Path = built["dir"]
+    model = built["model"]
+    prompt = built["prompt"]
+    with torch.inference_mode():
+        t_tokens = model.encode_prompt(to_model_input(torch.from_numpy(prompt[None])))
+
+    def torch_detect(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+        with torch.inference_mode():
+            amap, score = model.detect(to_model_input(torch.from_numpy(rgb[None])), t_tokens)
+        return amap[0, 0].numpy(), float(score[0])
+
+    runners = {
+        "onnxruntime-fp32": (
+            OnnxRuntimeRunner(d / "prompt_encoder.onnx", d / "detector.onnx", threads=threads),
+            file_mb(d / "prompt_encoder.onnx", d / "detector.onnx"),
+        ),
+        "openvino-fp32": (
+            OpenVINORunner(d / "prompt_encoder.xml", d / "detector.xml", "fp32", threads),
+            file_mb(
+                *[d / f"{g}.{e}" for g in ("prompt_encoder", "detector") for e in ("xml", "bin")]
+            ),
+        ),
+        "openvino-bf16": (
+            OpenVINORunner(d / "prompt_encoder.xml", d / "detector.xml", "bf16", threads),
+            file_mb(
+                *[d / f"{g}.{e}" for g in ("prompt_encoder", "detector") for e in ("xml", "bin")]
+            ),
+        ),
+        "openvino-int8": (
+            OpenVINORunner(d / "prompt_encoder.xml", built["int8"], "int8", threads),
+            file_mb(
+                d / "prompt_encoder.xml",
+                d / "prompt_encoder.bin",
+                built["int8"],
+                built["int8"].with_suffix(".bin"),
+            ),
+        ),
+    }
+    state = built.get("state", d / "state_dict.pt")
+    out: dict[str, tuple[Callable, float]] = {"pytorch-fp32": (torch_detect, file_mb(state))}
+    for name, (runner, mb) in runners.items():
+        tokens = runner.encode_prompt(prompt)
+        out[name] = ((lambda r, t: lambda rgb: r.detect(rgb, t))(runner, tokens), mb)
+    return out
+
+
+def end_to_end(detect: Callable, size: int, norm: tuple, thr: tuple) -> Callable[[bytes], tuple]:
+    """Frame bytes -> decision, the per-frame work of a station."""
+    ic, isc, pc, psc = norm
+
+    def run(jpeg: np.ndarray) -> tuple[bool, int]:
+        bgr = cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        amap, score = detect(rgb)
+        defect_px = int(np.count_nonzero((amap - pc) / psc > thr[1]))
+        return (score - ic) / isc > thr[0], defect_px
+
+    return run
+
+
+def time_rounds(
+    jobs: dict[str, Callable[[], object]],
+    rounds: int,
+    per_round: int,
+    warmup: int,
+    pause: float = 0.3,
+) -> dict[str, list[float]]:
+    """Interleaved timing: every round runs each job `per_round` times.
+
+    A pause between jobs lets the previous engine's worker threads (OpenMP/TBB spin-waits) go
+    idle, so one engine's threads never steal the cores from the next one.
+    """
+    for job in jobs.values():
+        for _ in range(warmup):
+            job()
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            time.sleep(pause)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                job()
+                times[name].append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def row(engine: str, size: int, scope: str, ms: list[float], mb: float) -> dict:
+    return {
+        "engine": engine,
+        "input_size": size,
+        "scope": scope,
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p95_ms": round(float(np.percentile(ms, 95)), 2),
+        "fps": round(1000.0 / statistics.fmean(ms), 1),
+        "size_mb": mb,
+    }
+
+
+def bench_size(built: dict, size: int, args: argparse.Namespace) -> list[dict]:
+    table = engines(built, args.threads)
+    frame = synthetic_frames(1, args.frame_h, args.frame_w, seed=5)[0]
+    ok, jpeg = cv2.imencode(
+        ".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]
+    )
+    assert ok
+    rgb = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+    jobs: dict[str, Callable[[], object]] = {}
+    for name in ENGINES:
+        det = table[name][0]
+        jobs[f"{name}|detector"] = (lambda d: lambda: d(rgb))(det)
+        e2e = end_to_end(det, size, built["norm"], built["thresholds"])
+        jobs[f"{name}|end_to_end"] = (lambda f: lambda: f(jpeg))(e2e)
+    times = time_rounds(jobs, args.rounds, args.per_round, args.warmup, args.pause)
+    rows = []
+    for key, ms in times.items():
+        name, scope = key.split("|")
+        rows.append(row(name, size, scope, ms, table[name][1]))
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Edge latency (batch 1)",
+        "",
+        f"CPU: {result['cpu']}; threads: {result['threads']}; frame: {result['frame']}; "
+        f"model: {result['model']}.",
+        f"{result['method']}",
+        "",
+        "| input | scope | engine | p50 ms | p95 ms | fps | size MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['input_size']} | {r['scope']} | {r['engine']} | {r['p50_ms']} | "
+            f"{r['p95_ms']} | {r['fps']} | {r['size_mb']} |"
+        )
+    lines += [
+        "",
+        "## Speed-ups (p50, detector)",
+        "",
+        "| input | INT8 vs PyTorch | INT8 vs OpenVINO f32 | bf16 vs OpenVINO f32 |",
+        "|---|---|---|---|",
+    ]
+    for size, s in result["speedups"].items():
+        lines.append(
+            f"| {size} | {s['int8_vs_pytorch']}x | {s['int8_vs_openvino_f32']}x | "
+            f"{s['bf16_vs_openvino_f32']}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for size in sorted({r["input_size"] for r in rows}):
+        p50 = {
+            r["engine"]: r["p50_ms"]
+            for r in rows
+            if r["input_size"] == size and r["scope"] == "detector"
+        }
+        out[str(size)] = {
+            "int8_vs_pytorch": round(p50["pytorch-fp32"] / p50["openvino-int8"], 2),
+            "int8_vs_openvino_f32": round(p50["openvino-fp32"] / p50["openvino-int8"], 2),
+            "bf16_vs_openvino_f32": round(p50["openvino-fp32"] / p50["openvino-bf16"], 2),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[224, 256])
+    p.add_argument("--artifact", type=Path, help="time this artifact (with int8) instead")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--per-round", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--pause", type=float, default=0.3, help="seconds between engine blocks")
+    p.add_argument("--calib", type=int, default=32, help="INT8 calibration frames (random model)")
+    p.add_argument("--frame-w", type=int, default=640)
+    p.add_argument("--frame-h", type=int, default=480)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    if args.artifact is not None:
+        built = from_artifact(args.artifact)
+        size = int(built["model"].cfg.input_size)
+        try:
+            rows += bench_size(built, size, args)
+        finally:
+            shutil.rmtree(built["state"].parent, ignore_errors=True)
+        model_desc = f"artifact {args.artifact}"
+    else:
+        for size in args.sizes:
+            with tempfile.TemporaryDirectory(prefix=f"lat{size}-") as tmp:
+                built = build_random(size, Path(tmp), args.threads, args.calib)
+                rows += bench_size(built, size, args)
+        model_desc = (
+            "OneNIP tf_efficientnet_lite2, hidden 256, 4+4 layers, pretrained backbone, "
+            "random head; INT8 = NNCF PTQ (transformer, mixed) on synthetic frames"
+        )
+    result = {
+        "cpu": cpu_name(),
+        "threads": args.threads,
+        "frame": f"{args.frame_w}x{args.frame_h} JPEG q90 (end_to_end: decode, RGB, INTER_AREA "
+        "resize, detect, normalise, threshold)",
+        "model": model_desc,
+        "method": (
+            f"interleaved rounds: {args.rounds} x {args.per_round} calls per engine and "
+            f"scope after {args.warmup} warm-up calls, {args.pause} s pause between blocks; "
+            "fps = 1000 / mean ms; OpenVINO "
+            "fp32 = INFERENCE_PRECISION_HINT f32, bf16 = hint bf16, int8 = INT8 IR with "
+            "f32 for the float ops; PyTorch eager, inference_mode."
+        ),
+        "rows": rows,
+    }
+    result["speedups"] = speedups(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "edge_latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "edge_latency.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
