@@ -51,6 +51,7 @@ def build(args: argparse.Namespace) -> Path:
             artifact=art,
             checkpoint=args.checkpoint,
             data=args.data,
+            scheme=args.scheme,
             accuracy_control=args.accuracy_control,
             budget=AccuracyBudget(
                 image_auroc=args.max_image_auroc_drop, pixel_ap=args.max_pixel_ap_drop
@@ -105,6 +106,7 @@ def evaluate(args: argparse.Namespace, art: Path) -> dict:
                 "int8_accuracy": card.precisions["int8"].accuracy,
                 "int8_evaluated_on": card.precisions["int8"].evaluated_on,
                 "int8_calibrated_on": card.precisions["int8"].calibrated_on,
+                "int8_method": card.precisions["int8"].method,
             },
             "seconds": seconds,
         }
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--artifact", type=Path, help="reuse an artifact that already has int8")
     p.add_argument("--work", type=Path, help="where to build the artifact (default runs/...)")
     p.add_argument("--accuracy-control", action="store_true")
+    p.add_argument("--scheme", default="auto", help="INT8 scheme (see lineguard quantize)")
     p.add_argument("--max-image-auroc-drop", type=float, default=0.005)
     p.add_argument("--max-pixel-ap-drop", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)

@@ -56,6 +56,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calib_images=args.calib_images,
         labelled=args.labelled,
         gate_per_class=args.gate_per_class,
+        scheme=args.scheme,
         accuracy_control=args.accuracy_control,
         max_drop=args.max_drop,
         budget=AccuracyBudget(
@@ -134,6 +135,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--labelled", type=Path, help="labelled MVTec-layout dataset for the gate (its test split)"
     )
     q.add_argument("--gate-per-class", type=int, help="cap on gate images per class")
+    q.add_argument(
+        "--scheme",
+        choices=("auto", "full", "float-stem", "float-backbone"),
+        default="auto",
+        help="ops INT8 may touch: full, float-stem (stride-2 backbone convs float), "
+        "float-backbone (only transformer/refiner INT8); auto (default) keeps the first of "
+        "these that passes the gate",
+    )
     q.add_argument(
         "--accuracy-control",
         action="store_true",

@@ -5,6 +5,8 @@
   Never test images: activations ranges would then be fitted to the defects we must detect.
 * `ModelType.TRANSFORMER` so NNCF keeps LayerNorm/Softmax-sensitive spots in float and applies
   SmoothQuant to the attention/FFN MatMuls; preset MIXED (asymmetric activations).
+* Which ops INT8 may touch is a ladder (`lineguard.compress.schemes`): `full`, `float-stem`,
+  `float-backbone`. By default (`auto`) the first rung that passes the gate is kept.
 * Optional NNCF accuracy control (`--accuracy-control --max-drop X`): reverts the most harmful
   quantizers until the validation metric (mean of image AUROC and pixel AP) is within X.
 * The prompt encoder stays FP32: it runs once per station, so INT8 would only add error.
@@ -20,11 +22,10 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm import tqdm
 
 from lineguard.compress import card as cards
 from lineguard.compress.checkpoint import Checkpoint, load_checkpoint
@@ -38,6 +39,7 @@ from lineguard.compress.evalsets import (
 from lineguard.compress.export import finite
 from lineguard.compress.gates import (
     AccuracyBudget,
+    GateError,
     Outputs,
     accuracy_figures,
     check_accuracy,
@@ -45,6 +47,7 @@ from lineguard.compress.gates import (
     parity_figures,
     run_graphs,
 )
+from lineguard.compress.schemes import SCHEMES, ignored_scope
 from lineguard.runtime.artifact import ModelCard, Precision, load_card, sha256_file
 from lineguard.runtime.engine import OpenVINORunner
 from lineguard.runtime.errors import LineGuardError
@@ -70,6 +73,9 @@ class QuantizeOptions(BaseModel):
     calib_images: int = Field(300, ge=1, title="calibration images (spread over classes)")
     labelled: Path | None = Field(None, title="labelled MVTec-layout set for the INT8 gate")
     gate_per_class: int | None = Field(None, ge=1, title="cap on gate images per class")
+    scheme: Literal["auto", "full", "float-stem", "float-backbone"] = Field(
+        "auto", title="ops INT8 may touch; auto = first of full/float-stem/float-backbone to pass"
+    )
     accuracy_control: bool = Field(False, title="use NNCF quantize_with_accuracy_control")
     max_drop: float = Field(0.005, ge=0, title="accuracy-control budget (absolute, fraction)")
     budget: AccuracyBudget = Field(default_factory=AccuracyBudget, title="INT8 gate budgets")
@@ -119,6 +125,7 @@ def nncf_quantize(
     validation: EvalSet | None = None,
     tokens: dict[str, np.ndarray] | None = None,
     max_drop: float = 0.005,
+    scheme: str = "full",
 ) -> Any:
     """Run NNCF PTQ (or accuracy control) on the detector IR; returns the INT8 ov.Model."""
     import nncf
@@ -126,11 +133,14 @@ def nncf_quantize(
 
     model = ov.Core().read_model(str(xml))
     calib = nncf.Dataset(items)
-    common = dict(
+    common: dict[str, Any] = dict(
         model_type=nncf.ModelType.TRANSFORMER,
         preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(items),
     )
+    scope = ignored_scope(model, scheme)
+    if scope is not None:
+        common["ignored_scope"] = scope
     if not accuracy_control:
         return nncf.quantize(model, calib, **common)
     assert validation is not None and tokens is not None
@@ -209,28 +219,43 @@ def quantize_artifact(opts: QuantizeOptions) -> Path:
     ]
     evalset = gate_set(ckpt, opts, td)
     log.info("calibrating on %s; gate on %s", calibrated_on, evalset.description)
-    int8_model = nncf_quantize(
-        det_xml, items, opts.accuracy_control, evalset, tokens, opts.max_drop
-    )
+    ref = run_graphs(fp32, evalset, ckpt.prompts, tokens)
+    m_fp32 = metrics(ref, evalset)["mean"]
+    if opts.scheme != "auto":
+        ladder: tuple[str, ...] = (opts.scheme,)
+    else:
+        ladder = ("full",) if opts.accuracy_control else SCHEMES
+    misses: list[str] = []
     staging = root / STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        ov.save_model(int8_model, str(staging / INT8_DETECTOR), compress_to_fp16=False)
-        int8 = OpenVINORunner(enc_xml, staging / INT8_DETECTOR, "int8", threads=opts.threads)
-        runs = {}
-        for name, runner in tqdm([("fp32", fp32), ("int8", int8)], desc="int8 gate", unit="model"):
-            runs[name] = run_graphs(runner, evalset, ckpt.prompts, tokens)
-        m_fp32, m_int8 = metrics(runs["fp32"], evalset), metrics(runs["int8"], evalset)
-        figures = accuracy_figures(m_fp32["mean"], m_int8["mean"])
-        check_accuracy(figures, opts.budget, evalset.description)
-        for f in staging.iterdir():
-            f.replace(root / f.name)
+        for scheme in ladder:
+            int8_model = nncf_quantize(
+                det_xml, items, opts.accuracy_control, evalset, tokens, opts.max_drop, scheme
+            )
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            ov.save_model(int8_model, str(staging / INT8_DETECTOR), compress_to_fp16=False)
+            int8 = OpenVINORunner(enc_xml, staging / INT8_DETECTOR, "int8", threads=opts.threads)
+            out = run_graphs(int8, evalset, ckpt.prompts, tokens)
+            figures = accuracy_figures(m_fp32, metrics(out, evalset)["mean"])
+            try:
+                check_accuracy(figures, opts.budget, evalset.description)
+            except GateError as exc:
+                misses.append(f"[{scheme}] {exc}")
+                log.warning("scheme %s: %s", scheme, exc)
+                continue
+            for f in staging.iterdir():
+                f.replace(root / f.name)
+            break
+        else:
+            raise GateError(" | ".join(misses) + " — artifact left unchanged (FP32 only)")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    parity = parity_figures(runs["fp32"], runs["int8"])
+    parity = parity_figures(ref, out)
     parity.pop("tokens_max_rel")  # same FP32 prompt encoder: identical by construction
-    card = update_card(card, figures, parity, evalset.description, calibrated_on, opts)
+    tried = f"; schemes tried: {', '.join(ladder[: len(misses) + 1])}" if misses else ""
+    card = update_card(card, figures, parity, evalset.description, calibrated_on, opts, scheme)
+    card.precisions["int8"].method += tried
     return cards.finalize(root, card)
 
 
@@ -241,8 +266,9 @@ def update_card(
     evaluated_on: str,
     calibrated_on: str,
     opts: QuantizeOptions,
+    scheme: str,
 ) -> ModelCard:
-    method = "nncf accuracy control" if opts.accuracy_control else "nncf ptq"
+    method = "NNCF accuracy control" if opts.accuracy_control else "NNCF PTQ"
     budgets = {f"max_{k}_drop": v for k, v in opts.budget.model_dump().items()}
     if opts.accuracy_control:
         budgets["accuracy_control_max_drop"] = opts.max_drop
@@ -253,7 +279,8 @@ def update_card(
         },
         parity={f"vs_fp32_{k}": v for k, v in finite(parity).items()},
         accuracy=finite(figures),
-        evaluated_on=f"{evaluated_on}; FP32 and INT8 both in OpenVINO f32 ({method})",
+        evaluated_on=f"{evaluated_on}; FP32 and INT8 both in OpenVINO f32",
+        method=f"{method}, transformer model type, mixed preset, scheme {scheme}",
         budgets=budgets,
         calibrated_on=calibrated_on,
     )

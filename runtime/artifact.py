@@ -34,7 +34,9 @@ class GraphSpec(_Strict):
     outputs: list[TensorSpec] = Field(title="Graph outputs in order")
     files: dict[str, str] = Field(
         title="Files per format",
-        description="format -> file name, e.g. {'onnx': 'detector.onnx', 'openvino': 'detector.xml'}",
+        description=(
+            "format -> file name, e.g. {'onnx': 'detector.onnx', 'openvino': 'detector.xml'}"
+        ),
     )
 
 
@@ -70,6 +72,7 @@ class Precision(_Strict):
         default_factory=dict, title="Gate budgets the figures were checked against"
     )
     calibrated_on: str = Field("", title="Images an INT8 model was calibrated on (never test)")
+    method: str = Field("", title="How this precision was produced (tool, settings, scheme)")
 
 
 class ModelCard(_Strict):

@@ -114,3 +114,20 @@ def test_loader_errors_name_the_problem(artifact, tmp_path):
         fh.write(b"\x00" * 16)
     with pytest.raises(LineGuardError, match=r"detector\.onnx does not match its sha256"):
         load_engine(tampered, backend="onnxruntime")
+
+
+def test_compress_cli_registers_without_heavy_imports():
+    code = textwrap.dedent(
+        """
+        import sys
+        from lineguard.runtime.cli import build_parser
+        parser = build_parser()
+        sub = next(a for a in parser._actions if a.dest == "command")
+        assert {"export", "quantize"} <= set(sub.choices), sorted(sub.choices)
+        heavy = sorted(m for m in ("torch", "openvino", "nncf", "onnx") if m in sys.modules)
+        print(heavy)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"

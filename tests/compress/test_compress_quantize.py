@@ -13,6 +13,7 @@ import pytest
 from lineguard.compress import quantize as quantize_mod
 from lineguard.compress.gates import AccuracyBudget, GateError, accuracy_figures, check_accuracy
 from lineguard.compress.quantize import INT8_DETECTOR, QuantizeOptions, quantize_artifact
+from lineguard.compress.schemes import SCHEMES, backbone_convs, ignored_scope
 from lineguard.runtime.artifact import load_card
 from lineguard.runtime.engine import load_engine
 
@@ -43,6 +44,17 @@ def test_int8_artifact_loads_runs_and_is_smaller(int8_artifact):
     assert np.corrcoef(a8.ravel(), a32.ravel())[0, 1] > 0.9
 
 
+def _constant_outputs(model):
+    """Replace every output by zeros: a model that detects nothing."""
+    import openvino as ov
+
+    for result in model.get_results():
+        src = result.input_value(0)
+        zero = ov.op.Constant(np.zeros(src.get_partial_shape().to_shape(), np.float32))
+        result.input(0).replace_source_output(zero.output(0))
+    return model
+
+
 def test_broken_int8_model_is_refused_and_artifact_unchanged(artifact, tmp_path, monkeypatch):
     out = tmp_path / "art"
     shutil.copytree(artifact, out)
@@ -50,18 +62,14 @@ def test_broken_int8_model_is_refused_and_artifact_unchanged(artifact, tmp_path,
     real = quantize_mod.nncf_quantize
 
     def quantize_then_break(*args, **kwargs):
-        import openvino as ov
 
-        model = real(*args, **kwargs)
-        for result in model.get_results():  # constant outputs: a model that detects nothing
-            src = result.input_value(0)
-            zero = ov.op.Constant(np.zeros(src.get_partial_shape().to_shape(), np.float32))
-            result.input(0).replace_source_output(zero.output(0))
-        return model
+        return _constant_outputs(real(*args, **kwargs))
 
     monkeypatch.setattr(quantize_mod, "nncf_quantize", quantize_then_break)
-    with pytest.raises(GateError, match=r"image_auroc dropped .* pt .* missed by .* pt"):
+    with pytest.raises(GateError, match=r"image_auroc dropped .* pt .* missed by .* pt") as err:
         quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
+    for scheme in SCHEMES:  # every rung of the ladder was tried and refused
+        assert f"[{scheme}] INT8 accuracy gate failed" in str(err.value)
     assert (out / "model.json").read_bytes() == before
     assert not list(out.glob("*int8*")) and not (out / ".int8-staging").exists()
     assert "int8" not in load_card(out).precisions
@@ -111,3 +119,59 @@ def test_quantize_cli_adds_int8_with_labelled_gate(artifact, dataset, tmp_path):
     card = json.loads((out / "model.json").read_text())
     assert "labelled test split" in card["precisions"]["int8"]["evaluated_on"]
     assert card["precisions"]["int8"]["budgets"]["max_image_auroc_drop"] == 1.0
+
+
+def _fake_quantize_count(xml) -> int:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ordered_ops())
+
+
+def test_ladder_keeps_the_first_scheme_that_passes(artifact, int8_artifact, tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out)
+    real = quantize_mod.check_accuracy
+    calls = []
+
+    def refuse_first(figures, budget, evaluated_on):
+        calls.append(figures)
+        if len(calls) == 1:
+            raise GateError("refused for the test")
+        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0), evaluated_on)
+
+    monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_first)
+    quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
+    assert len(calls) == 2
+    int8 = load_card(out, verify=True).precisions["int8"]
+    assert "scheme float-stem" in int8.method and "schemes tried: full, float-stem" in int8.method
+    assert int8.accuracy == pytest.approx({k: v for k, v in calls[1].items()})
+    # the kept model really is the float-stem one: fewer quantizers than the full scheme's
+    full = load_card(int8_artifact).precisions["int8"]
+    assert "scheme full" in full.method
+    assert _fake_quantize_count(out / INT8_DETECTOR) < _fake_quantize_count(
+        int8_artifact / INT8_DETECTOR
+    )
+
+
+def test_schemes_select_backbone_convolutions(artifact):
+    import openvino as ov
+
+    model = ov.Core().read_model(str(artifact / "detector.xml"))
+    convs = [
+        op
+        for op in model.get_ordered_ops()
+        if op.get_type_name() in ("Convolution", "GroupConvolution")
+    ]
+    backbone = backbone_convs(model)
+    # the refiner has two 3x3 convs and the 1x1 predictor; everything else is the backbone
+    assert len(convs) - len(backbone) == 3
+    assert ignored_scope(model, "full") is None
+    stem = ignored_scope(model, "float-stem").names
+    size = model.input("image").get_partial_shape()[1].get_length()
+    by_name = {op.get_friendly_name(): op for op in backbone}
+    assert stem and all(
+        by_name[n].get_output_partial_shape(0)[2].get_length() == size // 2 for n in stem
+    )
+    whole = ignored_scope(model, "float-backbone")
+    assert set(whole.names) == set(by_name) and "Interpolate" in whole.types

@@ -1,0 +1,54 @@
+"""Which parts of the detector INT8 may touch: a ladder from fastest to most faithful.
+
+OneNIP's anomaly map is a DIFFERENCE of two large quantities (the backbone's features and their
+reconstruction), so activation-quantisation noise in the frozen backbone lands in the map
+directly. Measured on a trained lite2 model (piped, 160 px, compress dev notes in the report):
+quantising everything moved maps by ~1.5 % of their range on average, keeping the stride-2 stem
+in float cut that to ~0.5 %, keeping the whole backbone in float to ~0.1 %; detection metrics
+stayed within budget in all three. The INT8 gate picks the first rung that passes.
+
+* `full`           — every convolution, MatMul and attention quantised;
+* `float-stem`     — the stride-2 backbone convolutions stay float (high resolution, few FLOPs);
+* `float-backbone` — only ops downstream of the transformer's first MatMul (transformer, refiner)
+  are quantised; backbone and neck run in float.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMES: tuple[str, ...] = ("full", "float-stem", "float-backbone")
+CONV_TYPES = ("Convolution", "GroupConvolution")
+
+
+def backbone_convs(model: Any) -> list[Any]:
+    """Conv ops with no MatMul upstream (the backbone's, not the refiner's), topological order."""
+    tainted: set[str] = set()
+    convs = []
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        upstream = any(
+            inp.get_source_output().get_node().get_friendly_name() in tainted for inp in op.inputs()
+        )
+        if op.get_type_name() == "MatMul" or upstream:
+            tainted.add(name)
+        elif op.get_type_name() in CONV_TYPES:
+            convs.append(op)
+    return convs
+
+
+def ignored_scope(model: Any, scheme: str) -> Any | None:
+    """The NNCF IgnoredScope for `scheme` on the detector `model` (None for `full`)."""
+    import nncf
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation scheme {scheme!r}; choose from {SCHEMES}")
+    if scheme == "full":
+        return None
+    size = model.input("image").get_partial_shape()[1].get_length()
+    convs = backbone_convs(model)
+    if scheme == "float-stem":
+        convs = [c for c in convs if c.get_output_partial_shape(0)[2].get_length() * 2 >= size]
+        return nncf.IgnoredScope(names=[c.get_friendly_name() for c in convs])
+    names = [c.get_friendly_name() for c in convs]
+    return nncf.IgnoredScope(names=names, types=["Interpolate"])
