@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class StepRecord:
     title: str
     command: str = ""
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # user + system of the step's child processes
     status: str = "ok"  # ok | failed | skipped
     note: str = ""
 
@@ -57,12 +59,14 @@ def _steps(steps: list[StepRecord]) -> str:
                 _e(s.title),
                 "<br>".join(f"<code>{_e(c)}</code>" for c in s.command.splitlines()),
                 f'<span class="n">{s.seconds:.1f}</span>',
+                f'<span class="n">{s.cpu_seconds:.1f}</span>',
                 f'<span class="{cls}">{_e(s.status)}</span> {_e(s.note)}',
             ]
         )
     total = sum(s.seconds for s in steps)
-    rows.append(["", "<b>total</b>", "", f"<b>{total:.1f}</b>", ""])
-    return _table(["#", "step", "command", "seconds", "result"], rows)
+    cpu = sum(s.cpu_seconds for s in steps)
+    rows.append(["", "<b>total</b>", "", f"<b>{total:.1f}</b>", f"<b>{cpu:.1f}</b>", ""])
+    return _table(["#", "step", "command", "wall s", "CPU s", "result"], rows)
 
 
 def _model(out: Path) -> str:
@@ -180,7 +184,8 @@ def write_report(
         f"{_e(platform.node())} · {_e(platform.processor() or platform.machine())} · "
         f"Python {_e(platform.python_version())}</p>"
         f"<p><b>{n} defect alert(s)</b> received {_e(transport)}; "
-        f"total time {sum(s.seconds for s in steps):.0f} s.</p>"
+        f"steps took {sum(s.seconds for s in steps):.0f} s wall time, "
+        f"{sum(s.cpu_seconds for s in steps):.0f} CPU s on {os.cpu_count()} CPU(s).</p>"
     )
     body = (
         head

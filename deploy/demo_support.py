@@ -206,10 +206,20 @@ AlertPrinter = Callable[[Alert], None]
 class Subscriber:
     """paho client on `<prefix>/#`: prints alerts as they arrive and keeps what it saw."""
 
-    def __init__(self, host: str, port: int, prefix: str, seen: Observed, on_alert: AlertPrinter):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        prefix: str,
+        seen: Observed,
+        on_alert: AlertPrinter,
+        record: Path | None = None,
+    ) -> None:
         import paho.mqtt.client as mqtt
 
         self.prefix, self.seen, self.on_alert = prefix, seen, on_alert
+        # every message as one JSON line (JPEGs as their size), to read the payloads afterwards
+        self.record = open(record, "a", encoding="utf-8") if record else None  # noqa: SIM115
         self.connected = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="lineguard-demo")
         self.client.on_connect = self._on_connect
@@ -226,12 +236,26 @@ class Subscriber:
     def stop(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        if self.record is not None:
+            self.record.close()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
         client.subscribe(f"{self.prefix}/#", qos=1)
         self.connected.set()
 
     def _on_message(self, client, userdata, msg) -> None:
+        if self.record is not None:
+            try:
+                body: Any = json.loads(msg.payload)
+            except ValueError:
+                body = (
+                    msg.payload.decode(errors="replace")
+                    if len(msg.payload) < 64
+                    else f"<{len(msg.payload)} bytes>"
+                )
+            line = {"topic": msg.topic, "retain": bool(msg.retain), "qos": msg.qos, "payload": body}
+            self.record.write(json.dumps(line) + "\n")
+            self.record.flush()
         try:
             self._handle(msg.topic, msg.payload)
         except Exception as exc:  # a demo printout must not kill paho's thread
