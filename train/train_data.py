@@ -114,11 +114,34 @@ def make_synthesizer(data: TrainingData, synth_cfg) -> DefectSynthesizer:
     return DefectSynthesizer(synth_cfg, textures)
 
 
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Yields ``epoch · N + i`` for the rows ``i`` of a DistributedSampler.
+
+    Carrying the epoch inside the index lets DataLoader workers stay alive across epochs
+    (``persistent_workers``: no re-fork per epoch, which costs more than a short epoch on a
+    GPU) while every sample still knows its epoch for seeding.
+    """
+
+    def __init__(self, base: torch.utils.data.DistributedSampler, n: int) -> None:
+        self.base, self.n = base, n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        offset = self.base.epoch * self.n
+        return (offset + int(i) for i in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
 class SyntheticDefects(torch.utils.data.Dataset):
-    """Item i: (i, prompt row, synthetic image uint8 H×W×3, mask float32 H×W).
+    """Item ``epoch · N + i``: (i, prompt row, synthetic image uint8 H×W×3, mask float32 H×W).
 
     The normal image and the prompt are returned as ROWS, not pixels: the trainer takes their
-    cached backbone features (or pixels) from memory, so workers only synthesise.
+    cached backbone features (or pixels) from memory, so workers only synthesise. The epoch
+    comes in the index (see :class:`EpochSampler`); a plain index < N means epoch 0.
     """
 
     def __init__(
@@ -130,16 +153,14 @@ class SyntheticDefects(torch.utils.data.Dataset):
         seed: int,
     ) -> None:
         self.images, self.labels, self.members = images, labels, members
-        self.synthesizer, self.seed, self.epoch = synthesizer, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.synthesizer, self.seed = synthesizer, seed
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+    def __getitem__(self, index: int):
+        epoch, i = divmod(int(index), len(self.images))
+        rng = np.random.default_rng([self.seed, epoch, i])
         label = int(self.labels[i])
         pool = self.members[label]
         prompt = int(pool[int(rng.integers(len(pool)))])

@@ -34,6 +34,7 @@ from lineguard.train.losses import onenip_loss
 from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_config import TrainConfig
 from lineguard.train.train_data import (
+    EpochSampler,
     SyntheticDefects,
     TrainingData,
     load_training_data,
@@ -184,16 +185,24 @@ class Trainer:
         self.history = list(ckpt["metrics"].get("history", []))
 
     def _loader(self, dataset: SyntheticDefects) -> torch.utils.data.DataLoader:
-        sampler = torch.utils.data.DistributedSampler(
+        base = torch.utils.data.DistributedSampler(
             dataset, self.dist.world, self.dist.rank, shuffle=True, seed=self.cfg.seed
         )
+        workers = self.cfg.num_workers
+        if workers > 0:
+            # Workers are the parallelism; OpenCV's own pool in each would oversubscribe. Set it
+            # here so forked workers inherit it: cv2.setNumThreads() INSIDE a forked worker can
+            # deadlock on the parent's pool (seen with OpenCV 5.0 on the second run in a process).
+            import cv2
+
+            cv2.setNumThreads(1)
         return torch.utils.data.DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            num_workers=self.cfg.num_workers,
+            sampler=EpochSampler(base, len(dataset)),
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init,
             generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
@@ -232,8 +241,7 @@ class Trainer:
         out_dir = Path(cfg.out_dir)
         final = out_dir / "final.pt"
         for epoch in range(self.start_epoch, end):
-            t0 = time.perf_counter()
-            dataset.set_epoch(epoch)
+            t0, cpu0 = time.perf_counter(), _cpu_seconds()
             loader.sampler.set_epoch(epoch)
             self.model.train()
             sums = {"total": 0.0, "mse": 0.0, "dice": 0.0}
@@ -270,6 +278,7 @@ class Trainer:
                 "epoch": epoch + 1,
                 "lr": lr,
                 "seconds": round(seconds, 3),
+                "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
                 **{k: v / max(n, 1) for k, v in sums.items()},
             }
             self.history.append(row)
@@ -332,10 +341,22 @@ class Trainer:
         )
 
 
-def _worker_init(_: int) -> None:
-    import cv2
+def _cpu_seconds() -> float:
+    """CPU time of this process and its DataLoader workers (live and finished), all threads."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    try:
+        import psutil
 
-    cv2.setNumThreads(1)  # workers are parallel already; nested OpenCV threads oversubscribe
+        for child in psutil.Process().children(recursive=True):
+            try:
+                c = child.cpu_times()
+                total += c.user + c.system
+            except psutil.Error:
+                pass
+    except ImportError:
+        pass
+    return total
 
 
 def _append_log(path: Path, row: dict) -> None:
