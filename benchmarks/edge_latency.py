@@ -92,8 +92,8 @@ def build_random(size: int, work: Path, threads: int, calib: int, extra_schemes:
     extra = {}
     for scheme in extra_schemes:
         path = work / f"detector_int8_{scheme}.xml"
-        model = nncf_quantize(work / "detector.xml", items, scheme=scheme)
-        ov.save_model(model, str(path), compress_to_fp16=False)
+        quantized = nncf_quantize(work / "detector.xml", items, scheme=scheme)
+        ov.save_model(quantized, str(path), compress_to_fp16=False)
         extra[scheme] = path
     torch.save(model.state_dict(), work / "state_dict.pt")
     return {
