@@ -1,0 +1,516 @@
+"""Runtime throughput: 1, 2 and 4 stations through the real `lineguard run` on this CPU.
+
+Each row starts the real service (`python -m lineguard.runtime.cli run --site ...`) as a child
+process with N stations, all on the INT8 artifact (OpenVINO, the station default of 1 inference
+thread each), against a real mosquitto on a free loopback port that this script starts. This
+process is the MES: it subscribes to the defect and stats topics and measures.
+
+Cameras: folder sources looping over generated 640x480 frames (BMP: a raw camera frame, so the
+decode is cheap and the INTER_AREA resize to the model input is included), PACED at
+`--camera-fps` (default 60, above what one station can infer) with the service's
+default queue (2 frames, drop oldest). The station therefore runs flat out and the frames it
+cannot take are dropped and counted, as with a live camera. (A folder without fps would apply
+back pressure instead, and nothing would ever be dropped.)
+
+Every frame is an event: thresholds are set far below any score, so each frame becomes a defect
+event with its evidence JPEG, committed to the SQLite outbox and published at QoS 1 (the worst
+case for the event path). Figures, over a `--seconds` window after `--warmup`:
+* fps_per_station: inspected frames / s per station (stats topic `frames` counters);
+* latency p50/p95: capture -> publish, the subscriber's receive time minus the event's
+  `captured_at` (same clock); capture -> decision (the event's `latency_ms`) is reported too;
+* dropped_frames: frames the queues dropped in the window, all stations;
+* cpu_percent: CPU time of the service process tree / wall time (100 = one core);
+  rss_mb: peak resident memory of the service process tree; the broker's CPU is reported apart.
+
+    .venv/bin/python benchmarks/runtime_throughput.py              # builds the lite2 artifact once
+    .venv/bin/python benchmarks/runtime_throughput.py --tiny --seconds 3 --out /tmp/rt   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+MOSQUITTO = "/usr/sbin/mosquitto"
+PREFIX = "lineguard"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or platform.machine()
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = info.get("Model name", "").strip() or platform.machine()
+    return f"{name}, {psutil.cpu_count(logical=True)} logical cores"
+
+
+# ---------------------------------------------------------------- frames and artifact
+
+
+def scene(rng: np.random.Generator, h: int, w: int, defect: bool) -> np.ndarray:
+    """A smooth textured part with sensor noise (BGR uint8), optionally with a drawn defect."""
+    low = rng.integers(60, 200, (max(2, h // 48), max(2, w // 48), 3)).astype(np.uint8)
+    img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    if defect:
+        c = (int(rng.integers(w // 5, 4 * w // 5)), int(rng.integers(h // 5, 4 * h // 5)))
+        axes = (int(rng.integers(w // 40, w // 12)), int(rng.integers(h // 40, h // 12)))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.ellipse(img, c, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
+    return img
+
+
+def write_frames(folder: Path, n: int, w: int, h: int, ext: str) -> Path:
+    """`n` camera frames (every other one with a defect) and `golden.png` (a normal part)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"frame_{i:03d}.{ext}"), scene(rng, h, w, defect=i % 2 == 1))
+    golden = folder.parent / "golden.png"
+    cv2.imwrite(str(golden), scene(rng, h, w, defect=False))
+    return golden
+
+
+def model_config(tiny: bool):
+    from lineguard.train.torch_model import OneNIPConfig
+
+    if not tiny:  # the shipped lite2 configuration: 224 px, hidden 256, 4+4 layers
+        return OneNIPConfig(input_size=224)
+    return OneNIPConfig(
+        backbone="tf_efficientnet_lite0",
+        input_size=64,
+        hidden_dim=32,
+        nhead=4,
+        dim_feedforward=64,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        refiner_channels=16,
+    )
+
+
+def build_artifact(work: Path, tiny: bool) -> Path:
+    """Random-head OneNIP (pretrained backbone) -> checkpoint -> `export` -> `quantize` (INT8).
+
+    Throughput does not depend on the head's values, so no training; the artifact goes through
+    the compress stage's real export and NNCF quantization (gates opened: the head is random).
+    """
+    import torch
+
+    from lineguard.compress.export import ExportOptions, export_artifact
+    from lineguard.compress.gates import AccuracyBudget
+    from lineguard.compress.quantize import QuantizeOptions, quantize_artifact
+    from lineguard.train.calibration import calibrate
+    from lineguard.train.checkpoint import FORMAT, save_checkpoint
+    from lineguard.train.torch_model import OneNIP
+    from lineguard.train.train_config import DataConfig, FolderSource, TrainConfig
+    from lineguard.train.train_data import load_training_data
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    normals = work / "normal"
+    normals.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    px = 80 if tiny else 256
+    for i in range(16):
+        cv2.imwrite(str(normals / f"{i:03d}.png"), scene(rng, px, px, defect=False))
+    cfg = TrainConfig(
+        data=DataConfig(folders=[FolderSource(path=normals, category="part")]),
+        model=model_config(tiny),
+        epochs=1,
+        val_fraction=0.25,
+        seed=0,
+        device="cpu",
+        num_workers=0,
+    )
+    model = OneNIP(cfg.model, pretrained=True).eval()
+    size = cfg.model.input_size
+    data = load_training_data(cfg.data, size, cfg.val_fraction, cfg.seed, progress=False)
+    calib = calibrate(model, data.val_images, data.val_labels, data.prompt_images(), "cpu", "val")
+    prompts = {
+        c: {"path": str(data.train[i].path), "image": data.train_images[i].copy()}
+        for c, i in zip(data.classes, data.prompt_index, strict=True)
+    }
+    ckpt = work / "random_head.pt"
+    save_checkpoint(
+        ckpt,
+        {
+            "format": FORMAT,
+            "model_config": cfg.model.model_dump(mode="json"),
+            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "train_config": cfg.model_dump(mode="json"),
+            "classes": list(data.classes),
+            "prompts": prompts,
+            "calibration": calib,
+            "data_fingerprint": data.fingerprint,
+            "metrics": {},
+            "epoch": 0,
+        },
+    )
+    art = work / "artifact"
+    export_artifact(ExportOptions(checkpoint=ckpt, out=art, force=True))
+    open_budget = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0)
+    quantize_artifact(QuantizeOptions(artifact=art, calib_images=16, budget=open_budget))
+    return art
+
+
+def has_int8(artifact: Path) -> bool:
+    card = artifact / "model.json"
+    return card.is_file() and "int8" in json.loads(card.read_text()).get("precisions", {})
+
+
+# ---------------------------------------------------------------- broker and subscriber
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_broker(folder: Path) -> tuple[subprocess.Popen, int]:
+    """mosquitto on a free loopback port, anonymous, no persistence; waits until it listens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = folder / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"log_dest file {folder / 'mosquitto.log'}\nmax_queued_messages 100000\n"
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"mosquitto did not start: {proc.communicate()[1].decode(errors='replace')}")
+
+
+class Subscriber:
+    """The MES side: receive time of every defect event and the latest stats of each station."""
+
+    def __init__(self, port: int) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.lock = threading.Lock()
+        self.events: list[tuple[float, str, float, float]] = []  # recv, station, captured, ms
+        self.stats: list[tuple[float, dict]] = []
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{os.getpid()}")
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            [(f"{PREFIX}/+/+/defect", 1), (f"{PREFIX}/+/+/stats", 0)]
+        )
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        recv = time.time()
+        payload = json.loads(msg.payload)
+        with self.lock:
+            if msg.topic.endswith("/defect"):
+                captured = datetime.fromisoformat(payload["captured_at"]).timestamp()
+                ms = payload.get("latency_ms")
+                self.events.append((recv, payload["station"], captured, ms))
+            else:
+                self.stats.append((recv, payload))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.events.clear()
+            self.stats.clear()
+
+    def frames_seen(self) -> dict[str, int]:
+        with self.lock:
+            return {p["station"]: p["frames"] for _, p in self.stats}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+# ---------------------------------------------------------------- one row
+
+
+def write_site(folder: Path, n: int, args: argparse.Namespace, port: int, frames: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    golden = frames.parent / "golden.png"
+    for i in range(n):
+        (folder / f"st{i + 1}.yaml").write_text(
+            f"station_id: st{i + 1}\nline_id: line1\nmodel: {args.artifact}\n"
+            "engine: openvino\nprecision: int8\n"
+            f"camera: {{kind: folder, path: {frames}, fps: {args.camera_fps}, loop: true}}\n"
+            f"prompt: {{image: {golden}}}\n"
+            "thresholds: {image: -1.0e6, pixel: -1.0e6, min_area_px: 1}\n"
+            f"evidence: {{mqtt: {str(args.evidence).lower()}}}\n"
+        )
+    site = folder / "site.yaml"
+    site.write_text(
+        f"edge_id: bench\ntopic_prefix: {PREFIX}\nstations: ['st*.yaml']\nstats_interval_s: 1\n"
+        f"broker: {{host: 127.0.0.1, port: {port}}}\n"
+        f"outbox: {{path: {folder / 'outbox.sqlite'}}}\naudit_log: {folder / 'audit.jsonl'}\n"
+    )
+    return site
+
+
+def other_jobs() -> list[str]:
+    """Training runs on the machine (they compete for the same cores), for the notes."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "lineguard" in cmd and " train" in cmd:
+            found.append(f"pid {p.info['pid']}: {cmd}")
+    return found
+
+
+def tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def rss_mb(procs: list[psutil.Process]) -> float:
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total / 2**20
+
+
+def window_delta(stats: list[tuple[float, dict]], t0: float, t1: float, key: str) -> dict:
+    """Per station: (value at the last stats message <= t1) - (first >= t0), and the span."""
+    out: dict[str, tuple[float, float]] = {}
+    for station in sorted({p["station"] for _, p in stats}):
+        inside = [(r, p) for r, p in stats if p["station"] == station and t0 <= r <= t1]
+        if len(inside) < 2:
+            continue
+        (_, a), (_, b) = inside[0], inside[-1]
+        span = (
+            datetime.fromisoformat(b["ts"]).timestamp()
+            - datetime.fromisoformat(a["ts"]).timestamp()
+        )
+        out[station] = (b[key] - a[key], span)
+    return out
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process) -> dict:
+    folder = args.work / f"stations{n}"
+    site = write_site(folder, n, args, port, args.work / "frames")
+    sub = Subscriber(port)
+    log = (folder / "service.log").open("w")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lineguard.runtime.cli", "run", "--site", str(site)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=folder,
+    )
+    proc = psutil.Process(child.pid)
+    try:
+        deadline = time.monotonic() + args.start_timeout
+        while len([f for f in sub.frames_seen().values() if f > 0]) < n:
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"service did not start:\n{(folder / 'service.log').read_text()}")
+            time.sleep(0.2)
+        time.sleep(args.warmup)
+        sub.reset()
+        procs = tree(proc)
+        psutil.cpu_percent(interval=None)  # starts the machine-wide measurement
+        t0, c0, b0 = time.time(), cpu_seconds(procs), cpu_seconds([broker])
+        peak = rss_mb(procs)
+        while time.time() - t0 < args.seconds:
+            time.sleep(0.5)
+            peak = max(peak, rss_mb(tree(proc)))
+        t1, c1, b1 = time.time(), cpu_seconds(tree(proc)), cpu_seconds([broker])
+        machine = psutil.cpu_percent(interval=None) * psutil.cpu_count()
+        time.sleep(1.5)  # let events captured inside the window arrive
+        if child.poll() is not None:
+            raise SystemExit(f"service exited early:\n{(folder / 'service.log').read_text()}")
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        log.close()
+        sub.close()
+    with sub.lock:
+        events = [e for e in sub.events if t0 <= e[2] <= t1]
+        stats = list(sub.stats)
+    frames = window_delta(stats, t0, t1, "frames")
+    dropped = window_delta(stats, t0, t1, "dropped_frames")
+    fps = {s: d / span for s, (d, span) in frames.items() if span > 0}
+    publish_ms = [(recv - cap) * 1000.0 for recv, _, cap, _ in events]
+    decision_ms = [ms for *_, ms in events if ms is not None]
+    depth = [p["outbox_depth"] for r, p in stats if t0 <= r <= t1]
+    return {
+        "stations": n,
+        "fps_per_station": round(float(np.mean(list(fps.values()))), 2) if fps else 0.0,
+        "latency_p50_ms": pct(publish_ms, 50),
+        "latency_p95_ms": pct(publish_ms, 95),
+        "dropped_frames": int(sum(d for d, _ in dropped.values())),
+        "cpu_percent": round(100.0 * (c1 - c0) / (t1 - t0), 1),
+        "rss_mb": round(peak, 1),
+        "fps_by_station": {s: round(v, 2) for s, v in fps.items()},
+        "fps_total": round(sum(fps.values()), 2),
+        "offered_fps_per_station": args.camera_fps,
+        "decision_latency_p50_ms": pct(decision_ms, 50),
+        "decision_latency_p95_ms": pct(decision_ms, 95),
+        "events_in_window": len(events),
+        "outbox_depth_max": max(depth) if depth else None,
+        "broker_cpu_percent": round(100.0 * (b1 - b0) / (t1 - t0), 1),
+        "machine_cpu_percent": round(machine, 1),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Runtime throughput (real `lineguard run`, real mosquitto)",
+        "",
+        f"CPU: {result['cpu']}. Model: {result['artifact']}. {result['setup']}",
+        "",
+        "| stations | fps / station | fps total | capture→publish p50 / p95 ms | "
+        "capture→decision p50 / p95 ms | dropped (window) | CPU % (100 = 1 core) | RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['stations']} | {r['fps_per_station']} | {r['fps_total']} | "
+            f"{r['latency_p50_ms']} / {r['latency_p95_ms']} | "
+            f"{r['decision_latency_p50_ms']} / {r['decision_latency_p95_ms']} | "
+            f"{r['dropped_frames']} | {r['cpu_percent']} | {r['rss_mb']} |"
+        )
+    lines += ["", *[f"- {note}" for note in result["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stations", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--seconds", type=float, default=60.0, help="measurement window per row")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds after the first frames")
+    p.add_argument("--camera-fps", type=float, default=60.0, help="paced rate of each camera")
+    p.add_argument("--frame", default="640x480", help="camera frame WxH")
+    p.add_argument("--frame-format", default="bmp", choices=["bmp", "png", "jpg"])
+    p.add_argument("--no-evidence", dest="evidence", action="store_false")
+    p.add_argument("--artifact", type=Path, help="an artifact with int8 (default: build one)")
+    p.add_argument("--tiny", action="store_true", help="tiny model for smoke tests")
+    p.add_argument("--work", type=Path, help="scratch folder (default runs/runtime_throughput)")
+    p.add_argument("--start-timeout", type=float, default=180.0)
+    p.add_argument("--note", action="append", default=[], help="extra note for the results")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    mode = "tiny" if args.tiny else "lite2"
+    args.work = (args.work or ROOT / "runs" / "runtime_throughput").resolve() / mode
+    if args.artifact is None:
+        args.artifact = args.work / "build" / "artifact"
+        if not has_int8(args.artifact):
+            print(f"building the {mode} INT8 artifact in {args.artifact} ...", flush=True)
+            build_artifact(args.work / "build", args.tiny)
+    args.artifact = args.artifact.resolve()
+    if not has_int8(args.artifact):
+        raise SystemExit(f"{args.artifact}: no int8 model in model.json")
+    w, h = (int(v) for v in args.frame.lower().split("x"))
+    write_frames(args.work / "frames", 24, w, h, args.frame_format)
+    card = json.loads((args.artifact / "model.json").read_text())
+    broker_proc, port = start_broker(args.work / "broker")
+    rows = []
+    others: set[str] = set()
+    try:
+        for n in args.stations:
+            others.update(other_jobs())
+            print(f"{n} station(s): warm-up {args.warmup:g} s, {args.seconds:g} s", flush=True)
+            rows.append(run_row(n, args, port, psutil.Process(broker_proc.pid)))
+            print(json.dumps(rows[-1]), flush=True)
+            others.update(other_jobs())
+    finally:
+        broker_proc.terminate()
+        broker_proc.wait(10)
+    load = os.getloadavg()
+    result = {
+        "cpu": cpu_name(),
+        "rows": rows,
+        "artifact": f"{card['name']} ({card['input_size'][0]} px, INT8 OpenVINO; random head)",
+        "precision": "int8",
+        "engine": "openvino",
+        "inference_threads_per_station": 1,
+        "duration_s": args.seconds,
+        "warmup_s": args.warmup,
+        "camera": f"folder replay of 24 {w}x{h} {args.frame_format.upper()} frames, looped, "
+        f"paced at {args.camera_fps:g} fps per station; queue 2, drop oldest",
+        "setup": (
+            f"{w}x{h} {args.frame_format.upper()} frames paced at {args.camera_fps:g} fps per "
+            "camera (queue 2, drop oldest); 1 OpenVINO inference thread per station (the "
+            "station default); every frame is a defect event"
+            + (" with its evidence JPEG" if args.evidence else "")
+            + f"; {args.seconds:g} s window after {args.warmup:g} s warm-up."
+        ),
+        "load_average_after": [round(x, 2) for x in load],
+        "notes": [
+            "latency_p50/p95_ms: capture -> publish (subscriber receive time minus the event's "
+            "captured_at, the same clock); decision_latency: capture -> decision (event "
+            "latency_ms), i.e. without the outbox commit and the MQTT hop.",
+            "fps_per_station: inspected frames per second (stats `frames` counters over the "
+            "window); dropped_frames: frames the bounded queues dropped in the window (all "
+            "stations) because the cameras offer more than the stations infer.",
+            "cpu_percent: CPU seconds of the `lineguard run` process tree / wall seconds, 100 = "
+            "one core (this machine has "
+            f"{psutil.cpu_count()}); rss_mb: its peak RSS; broker_cpu_percent: mosquitto's; "
+            "machine_cpu_percent: all processes (the gap to the two is this harness and any "
+            "other load).",
+            *(
+                [f"CONTENTION: other jobs ran during the measurement: {sorted(others)}"]
+                if others
+                else []
+            ),
+            *args.note,
+        ],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "runtime_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "runtime_throughput.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
