@@ -62,7 +62,7 @@ def run(data: Path, variant: str, seed: int, epochs: int, lr: float, test) -> di
                 lr=lr,
                 seed=seed,
                 device="cpu",
-                threads=2,
+                threads=1,
                 num_workers=0,
                 checkpoint_every=0,
                 out_dir=out,
@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     full = open_data(args.data, MODEL["input_size"], progress=False)
     test = full.select(lambda s: s.split == "test")
     runs = []
@@ -99,9 +99,16 @@ def main() -> None:
             r = run(args.data, variant, seed, args.epochs, args.lr, test)
             print(json.dumps(r), flush=True)
             runs.append(r)
+    if RESULTS.is_file():  # merge: variants/seeds may be run one invocation at a time
+        old = json.loads(RESULTS.read_text())
+        if old.get("epochs") == args.epochs and old.get("lr") == args.lr:
+            done = {(r["variant"], r["seed"]) for r in runs}
+            runs = [r for r in old["runs"] if (r["variant"], r["seed"]) not in done] + runs
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    seeds = sorted({r["seed"] for r in runs})
     keys = list(runs[0]["mean"])
     summary = {}
-    for variant in args.variants:
+    for variant in variants:
         rows = [r["mean"] for r in runs if r["variant"] == variant]
         summary[variant] = {
             k: {
@@ -117,11 +124,11 @@ def main() -> None:
                 "what": "PIPED test metrics (fixed prompts) of a tiny OneNIP trained with each "
                 "Perlin texture source; same recipe, epochs and seeds",
                 "command": "benchmarks/synthesis_textures.py --data ../shared/data/piped "
-                f"--epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))}",
+                f"--epochs {args.epochs} --seeds {' '.join(map(str, seeds))}",
                 "model": MODEL,
                 "epochs": args.epochs,
                 "lr": args.lr,
-                "seeds": args.seeds,
+                "seeds": seeds,
                 "cpu_count": os.cpu_count(),
                 "summary": summary,
                 "runs": runs,

@@ -62,7 +62,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the device")
     p.add_argument("--batch-size", type=int, metavar="B", help="override batch_size")
     p.add_argument("--workers", type=int, metavar="N", help="override num_workers")
-    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (on a busy CPU 1 is fastest, or export OMP_WAIT_POLICY=PASSIVE)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="EPOCH",
+        help="stop after this epoch with OUT/last.pt written (same schedule; --resume continues)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_train)
 
@@ -108,13 +119,15 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(cfg, progress=not args.no_progress)
-        final = trainer.fit()
+        final = trainer.fit(stop_epoch=args.stop_after)
     except BackboneError as exc:
         raise LineGuardError(str(exc)) from exc
     if trainer.dist.main:
+        done = trainer.history[-1]["epoch"] if trainer.history else trainer.start_epoch
         summary = {
-            "checkpoint": str(final),
+            "checkpoint": str(final if done == cfg.epochs else Path(cfg.out_dir) / "last.pt"),
             "epochs": cfg.epochs,
+            "epochs_done": done,
             "classes": len(trainer.data.classes),
             "train_images": len(trainer.data.train),
             "val_images": len(trainer.data.val),

@@ -136,3 +136,21 @@ def test_cli_trains_tiny_recipe_end_to_end(tmp_path, capsys) -> None:
     assert (out / "final.pt").is_file() and (out / "last.pt").is_file()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+
+    # time-boxed: stop after epoch 1 of 2, then resume to the end
+    out2 = tmp_path / "run2"
+    common = [
+        "--config",
+        str(REPO / "configs/train/tiny_test.yaml"),
+        "--data",
+        str(data),
+        "--out",
+        str(out2),
+        "--no-progress",
+    ]
+    rc, stdout, err = run_cli([*common, "--stop-after", "1"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["epochs_done"] == 1 and not (out2 / "final.pt").exists()
+    rc, stdout, err = run_cli([*common, "--resume", str(out2 / "last.pt")], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["epochs_done"] == 2 and (out2 / "final.pt").is_file()
