@@ -241,6 +241,10 @@ class Subscriber:
             self.events.clear()
             self.stats.clear()
 
+    def all_after(self, t: float, n: int) -> bool:
+        with self.lock:
+            return len({station for _, station, cap, _ in self.events if cap > t}) >= n
+
     def frames_seen(self) -> dict[str, int]:
         with self.lock:
             return {p["station"]: p["frames"] for _, p in self.stats}
@@ -357,7 +361,11 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
             peak = max(peak, rss_mb(tree(proc)))
         t1, c1, b1 = time.time(), cpu_seconds(tree(proc)), cpu_seconds([broker])
         machine = psutil.cpu_percent(interval=None) * psutil.cpu_count()
-        time.sleep(1.5)  # let events captured inside the window arrive
+        # The outbox publishes in order: once every station has an event captured after the
+        # window, all events captured inside it have arrived (however deep the backlog was).
+        deadline = time.monotonic() + 30
+        while not sub.all_after(t1, n) and time.monotonic() < deadline:
+            time.sleep(0.1)
         if child.poll() is not None:
             raise SystemExit(f"service exited early:\n{(folder / 'service.log').read_text()}")
     finally:
@@ -486,9 +494,10 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "load_average_after": [round(x, 2) for x in load],
         "notes": [
-            "latency_p50/p95_ms: capture -> publish (subscriber receive time minus the event's "
-            "captured_at, the same clock); decision_latency: capture -> decision (event "
-            "latency_ms), i.e. without the outbox commit and the MQTT hop.",
+            "latency_p50/p95_ms: capture -> publish, i.e. until an MQTT subscriber on this host "
+            "receives the event (its receive time minus the event's captured_at, same clock); "
+            "decision_latency: capture -> decision (the event's latency_ms), i.e. without the "
+            "evidence JPEG, the outbox commit (SQLite, fsync) and the MQTT hop.",
             "fps_per_station: inspected frames per second (stats `frames` counters over the "
             "window); dropped_frames: frames the bounded queues dropped in the window (all "
             "stations) because the cameras offer more than the stations infer.",
