@@ -5,13 +5,16 @@ internet: the full state dict (frozen backbone included), the architecture, the 
 classes, one golden prompt image per class, the score calibration measured on NORMAL validation
 images, a fingerprint of the training data, metrics, and optimizer/scheduler state for resume.
 Writes are atomic (temp file + ``os.replace``) so a crash never leaves a half-written file.
+
+``data_fingerprint`` is :func:`lineguard.train.pack.data_fingerprint` over the NORMAL training
+and validation samples: sha256 over sorted (relative path, class, label, sha256 of the file).
+Content hashes rather than file sizes, so the same data read from folders or from a pack gives
+the same fingerprint, and a re-encoded image does not pass as the same data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +38,6 @@ REQUIRED_KEYS = (
     "metrics",
     "epoch",
 )
-
-
-def data_fingerprint(files: Iterable[tuple[str, int]]) -> str:
-    """sha256 over sorted ``(relative path, size in bytes)`` pairs of the training images."""
-    h = hashlib.sha256()
-    for rel, size in sorted(files):
-        h.update(f"{rel}\t{size}\n".encode())
-    return h.hexdigest()
 
 
 def unwrap(model: torch.nn.Module) -> OneNIP:

@@ -277,6 +277,7 @@ class Trainer:
             row = {
                 "epoch": epoch + 1,
                 "lr": lr,
+                "steps": n,
                 "seconds": round(seconds, 3),
                 "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
                 **{k: v / max(n, 1) for k, v in sums.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +155,39 @@ def test_cli_trains_tiny_recipe_end_to_end(tmp_path, capsys) -> None:
     rc, stdout, err = run_cli([*common, "--resume", str(out2 / "last.pt")], capsys)
     assert rc == 0, err
     assert json.loads(stdout)["epochs_done"] == 2 and (out2 / "final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_shards_the_data_and_writes_one_checkpoint(tmp_path) -> None:
+    """Two CPU processes (gloo) through torchrun: each runs half the steps, rank 0 writes."""
+    data = make_mvtec(tmp_path / "ds", classes=2, per_class=9)  # 7 train + 2 val per class
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lineguard.runtime.cli",
+        "train",
+        "--config",
+        str(REPO / "configs/train/tiny_test.yaml"),
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('"checkpoint"') == 1  # only rank 0 reports
+    assert (out / "final.pt").is_file()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # 14 training images: 7 per rank -> ONE step of batch 8 (a single process would take 2)
+    assert len(log) == 1 and log[0]["steps"] == 1
