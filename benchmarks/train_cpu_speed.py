@@ -55,6 +55,7 @@ def measure(config: Path, data: Path, epochs: int, threads: int, workers: int) -
             "hidden_dim": cfg.model.hidden_dim,
             "threads": threads,
             "num_workers": workers,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default (active spin)"),
             "batch_size": cfg.batch_size,
             "train_images": len(trainer.data.train),
             "steps_per_epoch": -(-len(trainer.data.train) // cfg.batch_size),
@@ -86,12 +87,12 @@ def main() -> None:
         print(json.dumps(res))
         runs.append(res)
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
-    keep = [
-        r
-        for r in old["runs"]
-        if (r["recipe"], r["threads"], r["num_workers"])
-        not in {(n["recipe"], n["threads"], n["num_workers"]) for n in runs}
-    ]
+
+    def key(r: dict) -> tuple:
+        policy = r.get("omp_wait_policy", "default (active spin)")
+        return r["recipe"], r["threads"], r["num_workers"], policy
+
+    keep = [r for r in old["runs"] if key(r) not in {key(n) for n in runs}]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
