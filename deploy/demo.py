@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 # station template file -> sample-line category it inspects
 STATIONS = {"paper-flr02": "pa_flr02_tl", "paper-bdp01": "pa_bdp01_tl"}
 TOTAL_STEPS = 11
+QUICK_EPOCHS = 5
 
 
 class DemoError(Exception):
@@ -134,7 +135,8 @@ class Demo:
             rec.status, rec.note = "skipped", f"--reuse-model: {_rel(final)}"
             return
         threads = self.args.threads or max(1, min(os.cpu_count() or 2, 8))
-        epochs = f" --epochs {self.args.epochs}" if self.args.epochs else ""
+        n = self.args.epochs or (QUICK_EPOCHS if self.args.quick else None)
+        epochs = f" --epochs {n}" if n else ""
         _, text = self.lg(
             rec, "train", "train --config {cfg} --out {out} --threads {n}" + epochs,
             cfg=self.configs / "train.yaml", out=self.out / "train", n=threads,
@@ -144,6 +146,9 @@ class Demo:
             rec.note = f"val AUROC on synthetic defects {summary['val_synthetic_image_auroc']:.2f}"
 
     def evaluate(self, rec: StepRecord) -> None:
+        if self.args.quick:
+            rec.status, rec.note = "skipped", "--quick"
+            return
         self.lg(
             rec, "evaluate", "evaluate --checkpoint {out}/train/final.pt --data {data} "
             "--out {out}/eval --no-progress", out=self.out, data=self.sample,
@@ -156,10 +161,10 @@ class Demo:
         )  # fmt: skip
 
     def quantize(self, rec: StepRecord) -> None:
+        control = "" if self.args.quick else " --accuracy-control"
         code, _ = self.lg(
-            rec, "quantize", "quantize --artifact {out}/model --accuracy-control",
-            check=False, out=self.out,
-        )  # fmt: skip
+            rec, "quantize", "quantize --artifact {out}/model" + control, check=False, out=self.out
+        )
         if code != 0:
             self.precision = "fp32"
             rec.status, rec.note = "skipped", "INT8 gate refused: the stations run FP32"
@@ -379,6 +384,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (quicker, weaker)")
     p.add_argument("--threads", type=int, help="training threads (default: CPU count, max 8)")
     p.add_argument("--no-broker", action="store_true", help="run without mosquitto")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run for tests: {QUICK_EPOCHS} epochs (unless --epochs), no evaluation, "
+        "INT8 without accuracy control (weaker model, fewer or no alerts)",
+    )
     p.add_argument(
         "--reuse-model",
         action="store_true",
