@@ -32,8 +32,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Options: make demo DEMO_ARGS="--no-broker" (or --reuse-model, --epochs N, --out DIR; see --help)
 demo: setup broker
-	$(PY) -m lineguard.deploy.demo
+	$(PY) -m lineguard.deploy.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs demo-out
