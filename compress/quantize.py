@@ -48,9 +48,17 @@ from lineguard.compress.gates import (
     run_graphs,
 )
 from lineguard.compress.schemes import SCHEMES, ignored_scope
-from lineguard.runtime.artifact import ModelCard, Precision, load_card, sha256_file
+from lineguard.runtime.artifact import (
+    ModelCard,
+    Normalization,
+    Precision,
+    ScoreNormalization,
+    load_card,
+    sha256_file,
+)
 from lineguard.runtime.engine import OpenVINORunner
 from lineguard.runtime.errors import LineGuardError
+from lineguard.train.calibration import normalisation
 from lineguard.train.data import load_image, scan_folder
 
 log = logging.getLogger(__name__)
@@ -255,8 +263,45 @@ def quantize_artifact(opts: QuantizeOptions) -> Path:
     parity.pop("tokens_max_rel")  # same FP32 prompt encoder: identical by construction
     tried = f"; schemes tried: {', '.join(ladder[: len(misses) + 1])}" if misses else ""
     card = update_card(card, figures, parity, evalset.description, calibrated_on, opts, scheme)
-    card.precisions["int8"].method += tried
+    int8_card = card.precisions["int8"]
+    int8_card.method += tried
+    runner = OpenVINORunner(enc_xml, root / INT8_DETECTOR, "int8", threads=opts.threads)
+    norm = int8_normalization(runner, ckpt, td, tokens)
+    if norm is not None:
+        int8_card.score_normalization = norm
+        fp = card.score_normalization
+        int8_card.parity["vs_fp32_image_center_shift"] = (
+            norm.image.center - fp.image.center
+        ) / fp.image.scale
+        int8_card.parity["vs_fp32_pixel_center_shift"] = (
+            norm.pixel.center - fp.pixel.center
+        ) / fp.pixel.scale
     return cards.finalize(root, card)
+
+
+def int8_normalization(
+    runner: OpenVINORunner, ckpt: Checkpoint, td: Any, tokens: dict[str, np.ndarray]
+) -> ScoreNormalization | None:
+    """Score normalisation re-measured on INT8 outputs of the NORMAL validation images.
+
+    Same images and rule as the training stage's calibration (median; p99 - median), so a
+    threshold of 1.0 still means "the 99th percentile of normal validation images" in INT8.
+    """
+    if td is None or len(td.val_images) == 0:
+        log.warning("no normal validation images: INT8 keeps the FP32 score normalisation")
+        return None
+    classes = [td.classes[i] for i in td.val_labels]
+    n, s = len(classes), td.val_images.shape[1]
+    maps, scores = np.empty((n, s, s), np.float32), np.empty(n)
+    for i, (img, cls) in enumerate(zip(td.val_images, classes, strict=True)):
+        maps[i], scores[i] = runner.detect(img, tokens[cls])
+    stats = normalisation(scores, maps, "val")
+    return ScoreNormalization(
+        image=Normalization(**stats["image"]),
+        pixel=Normalization(**stats["pixel"]),
+        source=f"{n} normal validation images scored by the INT8 model (never test images)",
+        count=n,
+    )
 
 
 def update_card(

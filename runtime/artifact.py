@@ -73,6 +73,11 @@ class Precision(_Strict):
     )
     calibrated_on: str = Field("", title="Images an INT8 model was calibrated on (never test)")
     method: str = Field("", title="How this precision was produced (tool, settings, scheme)")
+    score_normalization: ScoreNormalization | None = Field(
+        None,
+        title="Normalisation re-measured with this precision (same normal validation images)",
+        description="When set, engines of this precision use it instead of the card's.",
+    )
 
 
 class ModelCard(_Strict):

@@ -209,7 +209,12 @@ class OnnxRuntimeRunner(GraphRunner):
 
 
 class Engine:
-    """A loaded, verified artifact: a runner plus its model card (what stations use)."""
+    """A loaded, verified artifact: a runner plus its model card (what stations use).
+
+    `card` is the card as THIS engine sees it: its `score_normalization` is the one measured
+    with this precision when the artifact has one (INT8), so `normalize` and anything reading
+    `card.score_normalization` stay consistent.
+    """
 
     def __init__(self, runner: GraphRunner, card: ModelCard, artifact_dir: Path) -> None:
         self.runner = runner
@@ -301,6 +306,11 @@ def load_engine(
             async_jobs=async_jobs,
             cache_dir=cache_dir,
         )
+    own = card.precisions.get("fp32" if precision == "bf16" else precision)
+    if own is not None and own.score_normalization is not None:
+        # thresholds are in normalised units: INT8 keeps "1.0 = p99 of normal val" only with
+        # the statistics measured on its own outputs
+        card = card.model_copy(update={"score_normalization": own.score_normalization})
     if tuple(runner.input_size) != tuple(card.input_size):
         raise LineGuardError(
             f"{root}: graphs take {runner.input_size} but model.json says {card.input_size}"

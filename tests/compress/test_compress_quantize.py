@@ -40,6 +40,17 @@ def test_int8_artifact_loads_runs_and_is_smaller(int8_artifact):
     a8, s8 = q.detect(prompt, tokens)
     assert a8.shape == a32.shape and np.isfinite(a8).all() and math.isfinite(s8)
     assert not np.array_equal(a8, a32)  # it really is another model
+    # INT8 carries its own normalisation, measured on the same normal validation images
+    own = int8.score_normalization
+    assert own is not None and "INT8" in own.source and own.count == card.score_normalization.count
+    assert q.card.score_normalization == own
+    assert fp32.card.score_normalization == card.score_normalization
+    assert own.image.center != card.score_normalization.image.center
+    shift = int8.parity["vs_fp32_image_center_shift"]
+    assert shift == pytest.approx(
+        (own.image.center - card.score_normalization.image.center)
+        / card.score_normalization.image.scale
+    )
     # same function up to quantisation noise: strongly correlated maps
     assert np.corrcoef(a8.ravel(), a32.ravel())[0, 1] > 0.9
 
