@@ -151,8 +151,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--max-drop",
         type=float,
-        default=0.005,
-        help="accuracy-control budget, absolute fraction (default 0.005)",
+        help="accuracy control: largest pixel AP drop NNCF may leave, absolute fraction "
+        "(default: --max-pixel-ap-drop)",
     )
     q.add_argument(
         "--max-image-auroc-drop",

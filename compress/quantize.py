@@ -8,7 +8,8 @@
 * Which ops INT8 may touch is a ladder (`lineguard.compress.schemes`): `full`, `float-stem`,
   `float-backbone`. By default (`auto`) the first rung that passes the gate is kept.
 * Optional NNCF accuracy control (`--accuracy-control --max-drop X`): reverts the most harmful
-  quantizers until the validation metric (mean of image AUROC and pixel AP) is within X.
+  quantizers until the pixel AP of the gate set (the metric INT8 hurts first) has dropped by at
+  most X (default: the pixel AP budget); the gate below still checks every budget.
 * The prompt encoder stays FP32: it runs once per station, so INT8 would only add error.
 * Gate: FP32 (true f32) vs INT8 image AUROC and pixel AP drops on a labelled set if given, else on
   normal validation images plus synthetic defects. A miss leaves the artifact as it was (its FP32
@@ -85,7 +86,9 @@ class QuantizeOptions(BaseModel):
         "auto", title="ops INT8 may touch; auto = first of full/float-stem/float-backbone to pass"
     )
     accuracy_control: bool = Field(False, title="use NNCF quantize_with_accuracy_control")
-    max_drop: float = Field(0.005, ge=0, title="accuracy-control budget (absolute, fraction)")
+    max_drop: float | None = Field(
+        None, ge=0, title="accuracy-control pixel AP drop (fraction); None = the pixel AP budget"
+    )
     budget: AccuracyBudget = Field(default_factory=AccuracyBudget, title="INT8 gate budgets")
     threads: int = Field(2, ge=1, title="CPU threads for gate inference")
     seed: int = Field(0, title="seed of image selection and synthetic defects")
@@ -175,7 +178,7 @@ def nncf_quantize(
             np.stack([r["mask"] for r in rows]),
         )
         m = metrics(Outputs(maps, scores, {}), sub)["mean"]
-        return 0.5 * (m["image_auroc"] + m["pixel_ap"])
+        return m["pixel_ap"]
 
     return nncf.quantize_with_accuracy_control(
         model,
@@ -233,12 +236,13 @@ def quantize_artifact(opts: QuantizeOptions) -> Path:
         ladder: tuple[str, ...] = (opts.scheme,)
     else:
         ladder = ("full",) if opts.accuracy_control else SCHEMES
+    acq_drop = opts.budget.pixel_ap if opts.max_drop is None else opts.max_drop
     misses: list[str] = []
     staging = root / STAGING
     try:
         for scheme in ladder:
             int8_model = nncf_quantize(
-                det_xml, items, opts.accuracy_control, evalset, tokens, opts.max_drop, scheme
+                det_xml, items, opts.accuracy_control, evalset, tokens, acq_drop, scheme
             )
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
@@ -316,7 +320,9 @@ def update_card(
     method = "NNCF accuracy control" if opts.accuracy_control else "NNCF PTQ"
     budgets = {f"max_{k}_drop": v for k, v in opts.budget.model_dump().items()}
     if opts.accuracy_control:
-        budgets["accuracy_control_max_drop"] = opts.max_drop
+        budgets["accuracy_control_max_pixel_ap_drop"] = (
+            opts.budget.pixel_ap if opts.max_drop is None else opts.max_drop
+        )
     int8 = Precision(
         files={
             "prompt_encoder": card.precisions["fp32"].files["prompt_encoder"],
