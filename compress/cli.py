@@ -56,6 +56,7 @@ def _quantize(args: argparse.Namespace) -> int:
         calib_images=args.calib_images,
         labelled=args.labelled,
         gate_per_class=args.gate_per_class,
+        gate_defects=args.gate_defects,
         scheme=args.scheme,
         accuracy_control=args.accuracy_control,
         max_drop=args.max_drop,
@@ -135,6 +136,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--labelled", type=Path, help="labelled MVTec-layout dataset for the gate (its test split)"
     )
     q.add_argument("--gate-per-class", type=int, help="cap on gate images per class")
+    q.add_argument(
+        "--gate-defects",
+        type=int,
+        default=4,
+        help="synthetic defects per normal validation image in the gate set (default 4)",
+    )
     q.add_argument(
         "--scheme",
         choices=("auto", "full", "float-stem", "float-backbone"),

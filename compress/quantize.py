@@ -82,6 +82,9 @@ class QuantizeOptions(BaseModel):
     calib_images: int = Field(300, ge=1, title="calibration images (spread over classes)")
     labelled: Path | None = Field(None, title="labelled MVTec-layout set for the INT8 gate")
     gate_per_class: int | None = Field(None, ge=1, title="cap on gate images per class")
+    gate_defects: int = Field(
+        4, ge=1, title="synthetic defects per normal validation image in the gate set"
+    )
     scheme: Literal["auto", "full", "float-stem", "float-backbone"] = Field(
         "auto", title="ops INT8 may touch; auto = first of full/float-stem/float-backbone to pass"
     )
@@ -196,7 +199,7 @@ def nncf_quantize(
 def gate_set(ckpt: Checkpoint, opts: QuantizeOptions, td: Any) -> EvalSet:
     if opts.labelled is not None:
         return labelled_set(opts.labelled, ckpt, opts.gate_per_class, opts.seed)
-    return validation_set(ckpt, td, opts.gate_per_class, opts.seed)
+    return validation_set(ckpt, td, opts.gate_per_class, opts.seed, opts.gate_defects)
 
 
 def quantize_artifact(opts: QuantizeOptions) -> Path:

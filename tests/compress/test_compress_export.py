@@ -150,3 +150,23 @@ def test_export_refuses_other_size_and_occupied_folder(checkpoint, artifact, tmp
     with pytest.raises(LineGuardError, match="not empty; pass --force"):
         export_artifact(ExportOptions(checkpoint=checkpoint, out=artifact))
     assert (artifact / "model.json").is_file()  # untouched
+
+
+def test_gate_sets_from_checkpoint_alone_and_from_validation(checkpoint):
+    ckpt = load_checkpoint(checkpoint)
+    alone = parity_set(ckpt, None)  # no training data at hand: golden prompts + defects
+    assert "golden prompts" in alone.description
+    n = len(ckpt.classes)
+    assert len(alone) == 4 * n and alone.labels[:n].sum() == 0 and alone.labels[n:].all()
+    for i in range(n, len(alone)):  # pixels outside the mask are the prompt's, untouched
+        base = ckpt.prompts[alone.classes[i]]
+        outside = alone.masks[i] == 0
+        np.testing.assert_array_equal(alone.images[i][outside], base[outside])
+        assert (alone.images[i][~outside] != base[~outside]).any()
+    from lineguard.compress.evalsets import normal_data, validation_set
+
+    td = normal_data(ckpt)
+    val = validation_set(ckpt, td, defects=3)
+    assert len(val) == 4 * len(td.val_images)
+    assert (val.labels == 0).sum() == len(td.val_images)
+    assert "never" not in val.description and "validation" in val.description
