@@ -89,11 +89,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="raised for the tiny width")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--summarize-only", action="store_true", help="recompute the summary")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    full = open_data(args.data, MODEL["input_size"], progress=False)
-    test = full.select(lambda s: s.split == "test")
     runs = []
+    if args.summarize_only:
+        args.seeds = []
+        runs = json.loads(RESULTS.read_text())["runs"]
+    else:
+        full = open_data(args.data, MODEL["input_size"], progress=False)
+        test = full.select(lambda s: s.split == "test")
     for seed in args.seeds:
         for variant in args.variants:
             r = run(args.data, variant, seed, args.epochs, args.lr, test)
@@ -114,6 +119,7 @@ def main() -> None:
             k: {
                 "mean": float(np.mean([x[k] for x in rows])),
                 "std": float(np.std([x[k] for x in rows])),
+                "n": len(rows),
             }
             for k in keys
         }
