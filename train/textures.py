@@ -21,7 +21,8 @@ tiny OneNIP, Lite0 at 128 px, 10 epochs on a CPU, PIPED test set, fixed prompts,
 defects at all) and AUPRO (70.8 vs 70.2–70.6); image AUROC is saturated (99.2–99.3) for all.
 The gaps are about one point with two seeds, so the evidence for ``mixed`` is weak; at this
 budget the texture source barely matters. The default stays ``mixed``: no worse anywhere, best at
-the pixel level, and it degrades gracefully to ``procedural`` when a model has one class.
+the pixel level; with a single class its image half falls back to that class's own images,
+re-cropped and augmented.
 """
 
 from __future__ import annotations
