@@ -89,6 +89,7 @@ def build_random(size: int, work: Path, threads: int, calib: int, extra_schemes:
 
     int8 = nncf_quantize(work / "detector.xml", items)
     ov.save_model(int8, str(work / INT8_DETECTOR), compress_to_fp16=False)
+    ort_int8 = onnxruntime_int8(work, items)
     extra = {}
     for scheme in extra_schemes:
         path = work / f"detector_int8_{scheme}.xml"
@@ -101,10 +102,37 @@ def build_random(size: int, work: Path, threads: int, calib: int, extra_schemes:
         "dir": work,
         "int8": work / INT8_DETECTOR,
         "int8_extra": extra,
+        "ort_int8": ort_int8,
         "prompt": frames[0],
         "norm": (0.0, 1.0, 0.0, 1.0),
         "thresholds": (1.0, 1.0),
     }
+
+
+def onnxruntime_int8(work: Path, items: list[dict]) -> Path:
+    """ONNX Runtime's own static INT8 (QDQ, per-channel weights) of the detector, to answer
+    whether an ONNX Runtime INT8 path would be competitive with OpenVINO's."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(items)
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    pre, out = work / "detector_ort_pre.onnx", work / "detector_ort_int8.onnx"
+    quant_pre_process(str(work / "detector.onnx"), str(pre), skip_symbolic_shape=True)
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+    )
+    return out
 
 
 def from_artifact(artifact: Path) -> dict:
@@ -180,6 +208,11 @@ def engines(built: dict, threads: int) -> dict[str, tuple[Callable, float]]:
             ),
         ),
     }
+    if built.get("ort_int8") is not None:
+        runners["onnxruntime-int8"] = (
+            OnnxRuntimeRunner(d / "prompt_encoder.onnx", built["ort_int8"], threads=threads),
+            file_mb(d / "prompt_encoder.onnx", built["ort_int8"]),
+        )
     for scheme, xml in built.get("int8_extra", {}).items():
         runners[f"openvino-int8-{scheme}"] = (
             OpenVINORunner(d / "prompt_encoder.xml", xml, "int8", threads),
@@ -374,7 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
                 rows += bench_size(built, size, args)
         model_desc = (
             "OneNIP tf_efficientnet_lite2, hidden 256, 4+4 layers, pretrained backbone, "
-            "random head; INT8 = NNCF PTQ (transformer, mixed) on synthetic frames"
+            "random head; openvino-int8 = NNCF PTQ (transformer, mixed, scheme full) on "
+            f"{args.calib} synthetic frames; openvino-int8-<scheme> = the safer rungs of the "
+            "quantize ladder; onnxruntime-int8 = ONNX Runtime quantize_static (QDQ, per-channel) "
+            "on the same frames"
         )
     result = {
         "cpu": cpu_name(),
