@@ -354,12 +354,14 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
         sub.reset()
         procs = tree(proc)
         psutil.cpu_percent(interval=None)  # starts the machine-wide measurement
-        t0, c0, b0 = time.time(), cpu_seconds(procs), cpu_seconds([broker])
+        me = psutil.Process()
+        t0, c0, b0, h0 = time.time(), cpu_seconds(procs), cpu_seconds([broker]), cpu_seconds([me])
         peak = rss_mb(procs)
         while time.time() - t0 < args.seconds:
             time.sleep(0.5)
             peak = max(peak, rss_mb(tree(proc)))
         t1, c1, b1 = time.time(), cpu_seconds(tree(proc)), cpu_seconds([broker])
+        h1 = cpu_seconds([me])
         machine = psutil.cpu_percent(interval=None) * psutil.cpu_count()
         # The outbox publishes in order: once every station has an event captured after the
         # window, all events captured inside it have arrived (however deep the backlog was).
@@ -404,6 +406,9 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
         "outbox_depth_max": max(depth) if depth else None,
         "broker_cpu_percent": round(100.0 * (b1 - b0) / (t1 - t0), 1),
         "machine_cpu_percent": round(machine, 1),
+        "other_processes_cpu_percent": round(
+            max(0.0, machine - 100.0 * (c1 - c0 + b1 - b0 + h1 - h0) / (t1 - t0)), 1
+        ),
     }
 
 
@@ -504,8 +509,8 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_percent: CPU seconds of the `lineguard run` process tree / wall seconds, 100 = "
             "one core (this machine has "
             f"{psutil.cpu_count()}); rss_mb: its peak RSS; broker_cpu_percent: mosquitto's; "
-            "machine_cpu_percent: all processes (the gap to the two is this harness and any "
-            "other load).",
+            "machine_cpu_percent: all processes; other_processes_cpu_percent: what neither the "
+            "service, the broker nor this harness used (other load competing for the cores).",
             *(
                 [f"CONTENTION: other jobs ran during the measurement: {sorted(others)}"]
                 if others
