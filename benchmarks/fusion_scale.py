@@ -4,9 +4,10 @@ The final map is (1-α)·S_rec + α·c·M̂. The official code sets c from the T
 a station cannot. This scores the test images of a dataset once (fixed golden prompts), then
 recomputes the metrics for several rules for c:
 
-* ``val_midrange`` (ours, what the trainer stores): (max + min)/2 of S_rec on NORMAL val images,
+* ``val_std_ratio`` (ours, what the trainer stores): std(S_rec) / std(M̂) on NORMAL val pixels,
+* ``val_midrange``: the official formula, (max + min)/2 of S_rec, on normal val images,
 * ``test_midrange`` (official, transductive — for reference only),
-* ``val_range_ratio``: range(S_rec) / range(M̂) on normal val images,
+* ``val_range_ratio``: range(S_rec) / range(M̂) on normal val images (and p99−p1 ranges),
 * ``S_rec only`` and ``M̂ only`` (α = 0 and α = 1).
 
     .venv/bin/python benchmarks/fusion_scale.py --checkpoint CKPT --data ../shared/data/piped
@@ -23,11 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lineguard.train.calibration import fusion_scale, score_parts
+from lineguard.train.calibration import fusion_scale, midrange_scale, score_parts
 from lineguard.train.checkpoint import load_model, prompt_images
 from lineguard.train.data import scan_mvtec
 from lineguard.train.metrics import class_metrics, mean_metrics
 from lineguard.train.pack import load_arrays, open_data
+
+
+def _spread(x: np.ndarray, q: float) -> float:
+    """Robust range: q-th minus (100-q)-th percentile."""
+    lo, hi = np.percentile(x, [100 - q, q])
+    return float(hi - lo)
 
 
 def main() -> None:
@@ -53,9 +60,11 @@ def main() -> None:
 
     alpha = model.cfg.fusion_alpha
     rules = {
-        "val_midrange (ours)": (alpha, fusion_scale(v_rec)),
-        "test_midrange (official, transductive)": (alpha, fusion_scale(t_rec)),
+        "val_std_ratio (ours: the trainer's rule)": (alpha, fusion_scale(v_rec, v_hat)),
+        "val_midrange": (alpha, midrange_scale(v_rec)),
+        "test_midrange (official, transductive)": (alpha, midrange_scale(t_rec)),
         "val_range_ratio": (alpha, float(np.ptp(v_rec) / max(np.ptp(v_hat), 1e-12))),
+        "val_p99_range_ratio": (alpha, _spread(v_rec, 99) / max(_spread(v_hat, 99), 1e-12)),
         "S_rec only": (0.0, 1.0),
         "M_hat only": (1.0, 1.0),
     }
@@ -80,7 +89,7 @@ def main() -> None:
         json.dumps(
             {
                 "what": "test metrics (fixed prompts) of one checkpoint for rules of the fusion "
-                "scale c; only val_midrange is usable at a station",
+                "scale c; every val_* rule is usable at a station, test_midrange is not",
                 "checkpoint": str(args.checkpoint),
                 "checkpoint_epoch": ckpt["epoch"],
                 "model": ckpt["model_config"],
