@@ -1,5 +1,6 @@
 """LineGuard camera stage: frame sources, a reconnecting reader with a `lost` state, `Frame`."""
 
+from lineguard.camera.errors import CameraConfigError
 from lineguard.camera.factory import KINDS, open_camera, open_source
 from lineguard.camera.frame import Frame, to_rgb_u8
 from lineguard.camera.reader import Camera
@@ -8,6 +9,7 @@ from lineguard.camera.sources import CameraError, FolderSource, FrameSource, Ope
 __all__ = [
     "KINDS",
     "Camera",
+    "CameraConfigError",
     "CameraError",
     "FolderSource",
     "Frame",

@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from lineguard.camera.errors import CameraConfigError
 from lineguard.camera.frame import Frame
 from lineguard.camera.reader import Camera
 from lineguard.camera.sources import FolderSource, FrameSource, OpenCVSource
-from lineguard.runtime.errors import LineGuardError
 
 KINDS = ("device", "stream", "video", "folder", "genicam")
 
@@ -20,7 +20,7 @@ KINDS = ("device", "stream", "video", "folder", "genicam")
 def _need(cfg: Any, key: str) -> Any:
     value = getattr(cfg, key, None)
     if value is None:
-        raise LineGuardError(f"camera kind '{cfg.kind}' needs '{key}'")
+        raise CameraConfigError(f"camera kind '{cfg.kind}' needs '{key}'")
     return value
 
 
@@ -53,7 +53,7 @@ def open_source(cfg: Any, name: str | None = None) -> FrameSource:
             width=width,
             height=height,
         )
-    raise LineGuardError(f"unknown camera kind {kind!r}; expected one of {', '.join(KINDS)}")
+    raise CameraConfigError(f"unknown camera kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
 def open_camera(

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from lineguard.camera.errors import CameraConfigError
 from lineguard.camera.frame import to_rgb_u8
 from lineguard.camera.sources import CameraError, FrameSource
-from lineguard.runtime.errors import LineGuardError
 
 # Bayer pattern (PFNC name prefix) -> OpenCV demosaicing code. OpenCV names Bayer patterns by the
 # second row's first two pixels, hence the apparent swap.
@@ -27,11 +28,11 @@ _BAYER = {
 
 
 def require_harvesters():
-    """Import `harvesters.core`, or raise a LineGuardError that says how to get it."""
+    """Import `harvesters.core`, or raise a CameraConfigError that says how to get it."""
     try:
         return importlib.import_module("harvesters.core")
     except ImportError as exc:
-        raise LineGuardError(
+        raise CameraConfigError(
             "camera kind 'genicam' needs the optional 'harvesters' package: "
             "pip install 'lineguard[genicam]' (plus your camera vendor's GenTL producer .cti)"
             f" [{exc}]"

@@ -17,14 +17,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from lineguard.camera.errors import CameraError
 from lineguard.camera.frame import to_rgb_u8
-from lineguard.runtime.errors import LineGuardError
 
 log = logging.getLogger(__name__)
-
-
-class CameraError(LineGuardError):
-    """A source could not be opened or stopped delivering; the reader retries."""
 
 
 class FrameSource:

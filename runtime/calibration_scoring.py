@@ -183,7 +183,7 @@ def camera_frames(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """`count` frames from the station's own camera (every `every`-th one), as `Station` reads
     it; fails when the camera is lost or delivers nothing for `timeout_s`."""
-    from lineguard.camera import open_camera
+    from lineguard.camera import CameraConfigError, open_camera
 
     frames: queue.Queue = queue.Queue(maxsize=4)
     ended = []
@@ -196,12 +196,15 @@ def camera_frames(
             except queue.Full:
                 continue
 
-    camera = open_camera(
-        cfg.camera,
-        name=f"calibrate-{cfg.station_id}",
-        on_frame=put,
-        on_end=lambda: ended.append(True),
-    )
+    try:
+        camera = open_camera(
+            cfg.camera,
+            name=f"calibrate-{cfg.station_id}",
+            on_frame=put,
+            on_end=lambda: ended.append(True),
+        )
+    except CameraConfigError as exc:
+        raise LineGuardError(f"station {cfg.station_id}: camera: {exc}") from exc
     camera.start()
     try:
         got = seen = 0

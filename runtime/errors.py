@@ -1,4 +1,4 @@
-"""One exception type for errors a user can fix (bad file, bad input): printed without a traceback."""
+"""One exception type for errors a user can fix (bad file, bad input): no traceback shown."""
 
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from lineguard.camera import Frame, open_camera, to_rgb_u8
+
+from lineguard.camera import CameraConfigError, Frame, open_camera, to_rgb_u8
 from lineguard.runtime import events
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
@@ -158,14 +159,17 @@ class Station:
         )
         self.queue = FrameQueue(cfg.queue.size, cfg.queue.drop)
         self._backpressure = cfg.camera.kind in ("folder", "video") and not cfg.camera.fps
-        self.camera = open_camera(
-            cfg.camera,
-            name=self.station_id,
-            on_frame=self._enqueue,
-            on_lost=lambda reason: self._set_state("camera-lost", reason),
-            on_recovered=lambda: self._set_state("online", ""),
-            on_end=self._source_ended,
-        )
+        try:
+            self.camera = open_camera(
+                cfg.camera,
+                name=self.station_id,
+                on_frame=self._enqueue,
+                on_lost=lambda reason: self._set_state("camera-lost", reason),
+                on_recovered=lambda: self._set_state("online", ""),
+                on_end=self._source_ended,
+            )
+        except CameraConfigError as exc:
+            raise LineGuardError(f"station {self.station_id}: camera: {exc}") from exc
         self._stop = threading.Event()
         self._ended = threading.Event()
         self._done = threading.Event()

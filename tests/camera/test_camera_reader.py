@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from lineguard.camera import Camera, CameraError, FrameSource, open_camera
 
 

@@ -11,9 +11,10 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.camera import Camera, CameraError, FolderSource, open_camera, open_source
+from lineguard.camera.errors import CameraConfigError
 from lineguard.camera.genicam import component_to_rgb
-from lineguard.runtime.errors import LineGuardError
 
 
 def _write_folder(folder: Path, n: int, size=(24, 32)) -> list[int]:
@@ -170,9 +171,9 @@ def test_missing_video_is_lost_not_a_crash(tmp_path):
 
 
 def test_factory_rejects_unknown_kind_and_missing_fields():
-    with pytest.raises(LineGuardError, match="unknown camera kind"):
+    with pytest.raises(CameraConfigError, match="unknown camera kind"):
         open_source(_cfg(kind="webcam"))
-    with pytest.raises(LineGuardError, match="needs 'url'"):
+    with pytest.raises(CameraConfigError, match="needs 'url'"):
         open_source(_cfg(kind="stream"))
 
 
@@ -191,7 +192,7 @@ def test_stream_that_cannot_connect_raises_camera_error():
     importlib.util.find_spec("harvesters") is not None, reason="harvesters is installed"
 )
 def test_genicam_without_harvesters_says_what_to_install(tmp_path):
-    with pytest.raises(LineGuardError, match=r"pip install 'lineguard\[genicam\]'"):
+    with pytest.raises(CameraConfigError, match=r"pip install 'lineguard\[genicam\]'"):
         open_camera(_cfg(kind="genicam", path=tmp_path / "producer.cti", index=0))
 
 
