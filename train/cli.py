@@ -77,21 +77,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_train)
 
+    r = sub.add_parser(
+        "recalibrate",
+        help="re-measure a checkpoint's fusion scale and score normalisation (no training)",
+        description=(
+            "Rebuild the checkpoint's normal validation split from its own recipe, re-measure the "
+            "map-fusion scale c and the score normalisation on it with the golden prompts, and "
+            "write the checkpoint again (atomically). For checkpoints from an older calibration "
+            "rule. The data must be the data it was trained on (same fingerprint)."
+        ),
+    )
+    r.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT", help="checkpoint")
+    r.add_argument("--out", type=Path, metavar="CKPT2", help="write here (default: in place)")
+    r.add_argument(
+        "--data",
+        nargs="+",
+        type=Path,
+        metavar="ROOT",
+        help="where the training data is now (MVTec roots or ONE pack .npz)",
+    )
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
+    r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    r.set_defaults(handler=run_recalibrate)
+
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line values as config keys (paths made absolute against the cwd)."""
     over: dict[str, Any] = {}
     if args.data:
-        paths = [p.expanduser().absolute() for p in args.data]
-        if len(paths) == 1 and paths[0].suffix == ".npz":
-            over["data"] = {"mvtec": [], "folders": [], "pack": str(paths[0])}
-        else:
-            for p in paths:
-                if p.suffix == ".npz":
-                    from lineguard.runtime.errors import LineGuardError
-
-                    raise LineGuardError(f"--data: a pack ({p}) must be the only --data value")
-            over["data"] = {"mvtec": [{"root": str(p)} for p in paths], "folders": [], "pack": None}
+        over["data"] = _data_override(args.data)
     simple = {
         "epochs": args.epochs,
         "device": args.device,
@@ -105,6 +119,35 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume is not None:
         over["resume"] = str(args.resume.expanduser().absolute())
     return over
+
+
+def run_recalibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lineguard.train.train_config import DataConfig
+    from lineguard.train.trainer import recalibrate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = None
+    if args.data:
+        data = DataConfig.model_validate(_data_override(args.data))
+    calib = recalibrate(args.checkpoint, args.out, data, args.device)
+    print(json.dumps(calib, indent=2))
+    return 0
+
+
+def _data_override(paths: list[Path]) -> dict[str, Any]:
+    """--data values as a `data:` section: MVTec roots, or ONE pack file."""
+    paths = [p.expanduser().absolute() for p in paths]
+    if len(paths) == 1 and paths[0].suffix == ".npz":
+        return {"mvtec": [], "folders": [], "pack": str(paths[0])}
+    for p in paths:
+        if p.suffix == ".npz":
+            from lineguard.runtime.errors import LineGuardError
+
+            raise LineGuardError(f"--data: a pack ({p}) must be the only --data value")
+    return {"mvtec": [{"root": str(p)} for p in paths], "folders": [], "pack": None}
 
 
 def run_train(args: argparse.Namespace) -> int:

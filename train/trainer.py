@@ -32,7 +32,7 @@ from lineguard.train.calibration import calibrate, fused, score_parts, to_tensor
 from lineguard.train.checkpoint import FORMAT, read_checkpoint, save_checkpoint
 from lineguard.train.losses import onenip_loss
 from lineguard.train.torch_model import OneNIP
-from lineguard.train.train_config import TrainConfig
+from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import (
     EpochSampler,
     SyntheticDefects,
@@ -373,3 +373,43 @@ def _append_log(path: Path, row: dict) -> None:
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run a full training; returns the final checkpoint path."""
     return Trainer(cfg, progress).fit()
+
+
+def recalibrate(
+    path: str | Path,
+    out: str | Path | None = None,
+    data: DataConfig | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Re-measure a checkpoint's fusion scale and score normalisation (no training).
+
+    For checkpoints written by an older calibration rule, or after changing it. The normal
+    validation split is rebuilt from the checkpoint's own recipe (``data`` overrides where the
+    images are now) and must give the same data fingerprint. Returns the new calibration.
+    """
+    from lineguard.train.checkpoint import load_model, prompt_images
+
+    ckpt = read_checkpoint(path)
+    cfg = TrainConfig.model_validate(ckpt["train_config"])
+    if data is not None:
+        cfg = cfg.model_copy(update={"data": data})
+    td = load_training_data(
+        cfg.data, cfg.model.input_size, cfg.val_fraction, cfg.seed, progress=progress
+    )
+    if td.fingerprint != ckpt["data_fingerprint"]:
+        raise LineGuardError(f"{path}: the data found now is not the data it was trained on")
+    if td.classes != list(ckpt["classes"]):
+        raise LineGuardError(f"{path}: classes {ckpt['classes']} but the data has {td.classes}")
+    model, _ = load_model(path, device)
+    stored = prompt_images(ckpt)
+    prompts = [stored[c] for c in td.classes]
+    images, labels, source = td.val_images, td.val_labels, "val"
+    if len(images) == 0:
+        images, labels, source = td.train_images, td.train_labels, "train"
+    calib = calibrate(model, images, labels, prompts, device, source)
+    ckpt["calibration"] = calib
+    ckpt["state_dict"]["fusion_scale"] = model.fusion_scale.detach().cpu().clone()
+    ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
+    save_checkpoint(out or path, ckpt)
+    return calib

@@ -309,3 +309,37 @@ def test_samples_depend_on_seed_epoch_index_not_on_workers() -> None:
     assert sum(not torch.equal(by_row[0][r], by_row[1][r]) for r in range(10)) >= 9
     rows = sorted(int(i) for batch in a[0] for i in batch[0])
     assert rows == list(range(10))  # every image once per epoch
+
+
+def test_recalibrate_reproduces_and_repairs_the_calibration(trained, tmp_path, capsys) -> None:
+    from lineguard.runtime.cli import main
+
+    _, final, _ = trained
+    ckpt = read_checkpoint(final)
+    broken = dict(ckpt)
+    broken["calibration"] = {
+        "image": {"center": 0.0, "scale": 1.0},
+        "pixel": {"center": 0.0, "scale": 1.0},
+        "count": 0,
+    }
+    broken["state_dict"] = {**ckpt["state_dict"], "fusion_scale": torch.tensor(1.0)}
+    from lineguard.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "broken.pt", broken)
+    rc = main(
+        [
+            "recalibrate",
+            "--checkpoint",
+            str(tmp_path / "broken.pt"),
+            "--out",
+            str(tmp_path / "fixed.pt"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    fixed = read_checkpoint(tmp_path / "fixed.pt")
+    for part in ("image", "pixel"):
+        for k in ("center", "scale"):
+            assert fixed["calibration"][part][k] == pytest.approx(ckpt["calibration"][part][k])
+    assert float(fixed["state_dict"]["fusion_scale"]) == pytest.approx(
+        float(ckpt["state_dict"]["fusion_scale"])
+    )
