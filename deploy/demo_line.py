@@ -21,6 +21,7 @@ from lineguard.deploy.demo_support import (
     Alert,
     Observed,
     StationInfo,
+    child_env,
     lineguard_cmd,
     shown,
     stop_process,
@@ -61,7 +62,7 @@ class LineRun:
         """
         argv = ["run", "--site", str(site)]
         print(f"$ {shown(argv)}", flush=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = child_env()
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
                 [*lineguard_cmd(), *argv],
