@@ -9,7 +9,6 @@ read from its pipes instead.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import threading
