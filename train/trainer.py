@@ -257,11 +257,14 @@ class Trainer:
                 else:
                     kw["image"] = to_tensor(images[rows.to(dev)], dev)
                     kw["prompt"] = to_tensor(images[prompts.to(dev)], dev)
-                with self.autocast():
-                    out = step(**kw)
-                loss, parts = onenip_loss(out, mask.to(dev, non_blocking=True))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # enable_grad: a caller (or an earlier command in this process) may have turned
+                # autograd off globally
+                with torch.enable_grad():
+                    with self.autocast():
+                        out = step(**kw)
+                    loss, parts = onenip_loss(out, mask.to(dev, non_blocking=True))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 self.optimizer.step()
                 sums += torch.stack([parts[k].float() for k in LOSS_PARTS])
