@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# Before torch/OpenVINO load: spinning OpenMP threads starve each other on a busy 2-core box.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 

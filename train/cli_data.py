@@ -144,22 +144,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from lineguard.train.evaluate import evaluate_checkpoint
     from lineguard.train.report import markdown_table
 
-    torch.set_grad_enabled(False)
     data = args.data[0] if len(args.data) == 1 else args.data
-    results = evaluate_checkpoint(
-        args.checkpoint,
-        data,
-        categories=args.categories,
-        prompt=args.prompt,
-        random_prompts=args.random_prompts,
-        retrieval=args.retrieval,
-        out_dir=args.out,
-        save_maps=args.save_maps,
-        device=args.device,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    with torch.no_grad():  # scoped: a process-wide switch would leak into later callers
+        results = evaluate_checkpoint(
+            args.checkpoint,
+            data,
+            categories=args.categories,
+            prompt=args.prompt,
+            random_prompts=args.random_prompts,
+            retrieval=args.retrieval,
+            out_dir=args.out,
+            save_maps=args.save_maps,
+            device=args.device,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     print(markdown_table(results))
     if args.out:
         print(f"wrote {args.out / 'metrics.json'}, {args.out / 'metrics.md'} and class PNGs")
