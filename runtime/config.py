@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from lineguard.runtime.errors import LineGuardError
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,6 +31,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from lineguard.runtime.errors import LineGuardError
 
 # Names that become MQTT topic levels: no '/', '+', '#', spaces or empty strings.
 TOPIC_LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
 from lineguard.runtime.config import SiteConfig, StationConfig
 from lineguard.runtime.errors import LineGuardError
-from pydantic import BaseModel, ValidationError
 
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from lineguard.runtime.regions import Box, Region
 
 log = logging.getLogger(__name__)

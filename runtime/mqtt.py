@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 
 import paho.mqtt.client as paho
-from lineguard.runtime.config import BrokerConfig
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from lineguard.runtime.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 

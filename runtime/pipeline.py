@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from lineguard.runtime.regions import (
     Box,
     Region,

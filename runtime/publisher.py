@@ -14,6 +14,7 @@ import threading
 import time
 
 import paho.mqtt.client as paho
+
 from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.outbox import Outbox
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lineguard.train.backbone import NECK_STRIDE, FrozenBackbone, neck
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from lineguard.train.backbone import NECK_STRIDE, FrozenBackbone, neck
 
 
 class OneNIPConfig(BaseModel):

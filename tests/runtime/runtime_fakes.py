@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
 from lineguard.runtime import events as ev
 from lineguard.runtime.config_loader import load_site
-from paho.mqtt.enums import CallbackAPIVersion
 
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
 

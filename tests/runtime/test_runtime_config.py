@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from lineguard.runtime.config import BrokerConfig, SiteConfig, StationConfig
 from lineguard.runtime.config_loader import ConfigError, load_site, load_station
 

@@ -8,6 +8,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
 from lineguard.runtime.regions import Region
 

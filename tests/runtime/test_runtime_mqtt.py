@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from runtime_fakes import Collector, ScriptedStation, write_site
+
 from lineguard.runtime import events as ev
 from lineguard.runtime.config import BrokerConfig, TLSConfig
 from lineguard.runtime.config_loader import load_site
 from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.service import Service
-from runtime_fakes import Collector, ScriptedStation, write_site
 
 FAST = {"reconnect_min_s": 1, "reconnect_max_s": 2}
 

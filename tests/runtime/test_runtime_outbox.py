@@ -13,8 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-from lineguard.runtime.outbox import Outbox, Pending
 from runtime_fakes import Collector, write_site
+
+from lineguard.runtime.outbox import Outbox, Pending
 
 HERE = Path(__file__).resolve().parent
 

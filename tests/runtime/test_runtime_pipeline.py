@@ -8,6 +8,7 @@ import threading
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.runtime.artifact import ModelCard
 from lineguard.runtime.pipeline import Debouncer, Pipeline, Thresholds
 from lineguard.runtime.regions import find_regions, ignore_mask, polygons_to_pixels, roi_pixels

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime_fakes import Collector
+
 from lineguard.runtime import events as ev
 from lineguard.runtime.artifact import ModelCard
 from lineguard.runtime.config_loader import load_site
 from lineguard.runtime.service import Service
 from lineguard.runtime.station import Station
-from runtime_fakes import Collector
 
 W, H = 160, 120
 SQUARE = (60, 30, 40, 30)  # x, y, w, h of the red defect in frame pixels

@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from lineguard.runtime import events
 from lineguard.runtime.artifact import ModelCard
 from lineguard.runtime.config import StationConfig

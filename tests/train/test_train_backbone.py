@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+
 from lineguard.train.backbone import (
     BackboneError,
     FrozenBackbone,

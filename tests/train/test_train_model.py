@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
+
 from lineguard.train.losses import dice_loss, feature_mse, onenip_loss
 from lineguard.train.torch_model import OneNIP, OneNIPConfig, count_parameters, neighbor_mask
-from pydantic import ValidationError
 
 torch.set_num_threads(2)
 
