@@ -27,31 +27,15 @@ import paho.mqtt.client as mqtt
 import pytest
 import torch
 import yaml
+from synthetic_parts import CLASSES, SIZE, normal_image, tiny_config
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.cli import main as lineguard
-from lineguard.train.train_config import TrainConfig
 from lineguard.train.trainer import Trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-SIZE = 96
-CLASSES = ("stripes", "grain")
 N_GOOD, N_BAD = 6, 6
-
-
-def normal_image(cls: int, rng: np.random.Generator) -> np.ndarray:
-    """RGB uint8: oriented stripes (class 0) or blurred grain (class 1), mild noise."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    if cls == 0:
-        v = 0.5 + 0.35 * np.sin(2 * np.pi * (0.8 * xx + 0.6 * yy) / 10 + rng.uniform(0, 6.28))
-        base = np.stack([v * 200 + 30, v * 120 + 60, v * 60 + 80], -1)
-    else:
-        n = cv2.GaussianBlur(rng.random((SIZE, SIZE)).astype(np.float32), (0, 0), 2.0)
-        n = (n - n.min()) / (n.max() - n.min())
-        base = np.stack([90 + 80 * n, 140 + 60 * n, 70 + 40 * n], -1)
-    base += rng.normal(0, 4, base.shape)
-    return np.clip(base, 0, 255).astype(np.uint8)
 
 
 def with_defect(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:
@@ -81,33 +65,7 @@ def line(tmp_path_factory):
         for i in range(24):
             write_rgb(root / "train" / name / f"{i:03d}.png", normal_image(ci, rng))
         folders.append({"path": str(root / "train" / name), "category": name})
-    cfg = TrainConfig.model_validate(
-        dict(
-            data={"folders": folders},
-            model=dict(
-                backbone="tf_efficientnet_lite0",
-                input_size=SIZE,
-                hidden_dim=64,
-                nhead=4,
-                dim_feedforward=128,
-                num_encoder_layers=1,
-                num_decoder_layers=1,
-                refiner_channels=32,
-                score_pool=8,
-                dropout=0.0,
-            ),
-            epochs=15,
-            batch_size=8,
-            lr=1e-3,
-            val_fraction=0.125,
-            device="cpu",
-            num_workers=0,
-            threads=2,
-            checkpoint_every=0,
-            out_dir=str(root / "run"),
-            seed=0,
-        )
-    )
+    cfg = tiny_config({"folders": folders}, root / "run", epochs=15, threads=2)
     checkpoint = Trainer(cfg, progress=False).fit()
     art = root / "artifact"
     assert lineguard(["export", "--checkpoint", str(checkpoint), "--out", str(art)]) == 0

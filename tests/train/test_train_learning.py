@@ -10,7 +10,6 @@ bit-for-bit.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -18,34 +17,16 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from synthetic_parts import CLASSES, SIZE, THREADS, normal_image, tiny_config
 
 from lineguard.train.calibration import to_tensor
 from lineguard.train.checkpoint import FORMAT, load_model, read_checkpoint
 from lineguard.train.torch_model import OneNIP
-from lineguard.train.train_config import TrainConfig
 from lineguard.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
-SIZE = 96
-CLASSES = ("stripes", "grain")
 DEFECT_CONTRAST = 35.0  # grey levels from the image mean: faint enough to need learning
-# One intra-op thread: on a busy 2-core box OpenMP threads spin against other processes and
-# run ~10x slower than one thread (benchmarks/results/train_cpu_speed.json).
-THREADS = int(os.environ.get("LINEGUARD_TEST_THREADS", "1"))
-
-
-def normal_image(cls: int, rng: np.random.Generator, s: int = SIZE) -> np.ndarray:
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
-    if cls == 0:
-        v = 0.5 + 0.35 * np.sin(2 * np.pi * (0.8 * xx + 0.6 * yy) / 10 + rng.uniform(0, 2 * np.pi))
-        base = np.stack([v * 200 + 30, v * 120 + 60, v * 60 + 80], -1)
-    else:
-        n = cv2.GaussianBlur(rng.random((s, s)).astype(np.float32), (0, 0), 2.0)
-        n = (n - n.min()) / (n.max() - n.min())
-        base = np.stack([90 + 80 * n, 140 + 60 * n, 70 + 40 * n], -1)
-    base += rng.normal(0, 4, base.shape)
-    return np.clip(base, 0, 255).astype(np.uint8)
 
 
 def draw_defect(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -87,37 +68,6 @@ def write_class_folders(root: Path, per_class: int, seed: int) -> dict:
             cv2.imwrite(str(d / f"{i:03d}.png"), bgr)
         folders.append({"path": str(d), "category": name})
     return {"folders": folders}
-
-
-def tiny_config(data: dict, out: Path, **kw) -> TrainConfig:
-    """A model that trains in seconds on one CPU thread (lr raised for the tiny width)."""
-    base = dict(
-        data=data,
-        model=dict(
-            backbone="tf_efficientnet_lite0",
-            input_size=SIZE,
-            hidden_dim=64,
-            nhead=4,
-            dim_feedforward=128,
-            num_encoder_layers=1,
-            num_decoder_layers=1,
-            refiner_channels=32,
-            score_pool=8,
-            dropout=0.0,
-        ),
-        epochs=20,
-        batch_size=8,
-        lr=1e-3,
-        val_fraction=0.125,
-        device="cpu",
-        num_workers=0,
-        threads=THREADS,
-        checkpoint_every=0,
-        out_dir=str(out),
-        seed=0,
-    )
-    base.update(kw)
-    return TrainConfig.model_validate(base)
 
 
 @pytest.fixture(scope="module")

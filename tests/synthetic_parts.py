@@ -1,0 +1,65 @@
+"""Generated parts shared by the learning test and the end-to-end line test.
+
+Two "products" (oriented stripes; blurred grain) a tiny OneNIP can learn in seconds on a CPU,
+and the training recipe for that tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from lineguard.train.train_config import TrainConfig
+
+SIZE = 96
+CLASSES = ("stripes", "grain")
+# One intra-op thread: on a busy 2-core box OpenMP threads spin against other processes and
+# run ~10x slower than one thread (benchmarks/results/train_cpu_speed.json).
+THREADS = int(os.environ.get("LINEGUARD_TEST_THREADS", "1"))
+
+
+def normal_image(cls: int, rng: np.random.Generator, s: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    if cls == 0:
+        v = 0.5 + 0.35 * np.sin(2 * np.pi * (0.8 * xx + 0.6 * yy) / 10 + rng.uniform(0, 2 * np.pi))
+        base = np.stack([v * 200 + 30, v * 120 + 60, v * 60 + 80], -1)
+    else:
+        n = cv2.GaussianBlur(rng.random((s, s)).astype(np.float32), (0, 0), 2.0)
+        n = (n - n.min()) / (n.max() - n.min())
+        base = np.stack([90 + 80 * n, 140 + 60 * n, 70 + 40 * n], -1)
+    base += rng.normal(0, 4, base.shape)
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def tiny_config(data: dict, out: Path, **kw) -> TrainConfig:
+    """A model that trains in seconds on one CPU thread (lr raised for the tiny width)."""
+    base = dict(
+        data=data,
+        model=dict(
+            backbone="tf_efficientnet_lite0",
+            input_size=SIZE,
+            hidden_dim=64,
+            nhead=4,
+            dim_feedforward=128,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            refiner_channels=32,
+            score_pool=8,
+            dropout=0.0,
+        ),
+        epochs=20,
+        batch_size=8,
+        lr=1e-3,
+        val_fraction=0.125,
+        device="cpu",
+        num_workers=0,
+        threads=THREADS,
+        checkpoint_every=0,
+        out_dir=str(out),
+        seed=0,
+    )
+    base.update(kw)
+    return TrainConfig.model_validate(base)
