@@ -151,3 +151,52 @@ def test_real_station_events_evidence_stats_and_live_threshold(tmp_path, mosquit
         service.stop()
         sub.close()
     assert b'"state":"offline"' in sub.last("lineguard/line1/st1/status")
+
+
+def test_lost_camera_status_over_mqtt_and_other_station_unaffected(tmp_path, mosquitto):
+    """Issue 4: a camera that disappears sets retained `camera-lost` within 5 s and `online`
+    again when it returns; the other station keeps inspecting meanwhile."""
+    site = _site(tmp_path, mosquitto.port)
+    (tmp_path / "frames2").mkdir()
+    for i in range(3):
+        cv2.imwrite(
+            str(tmp_path / "frames2" / f"g{i}.png"), cv2.cvtColor(_image(False), cv2.COLOR_RGB2BGR)
+        )
+    (tmp_path / "st2.yaml").write_text(
+        (tmp_path / "st1.yaml").read_text().replace("st1", "st2").replace("frames,", "frames2,")
+    )
+    for name in ("st1.yaml", "st2.yaml"):  # lose a camera quickly
+        p = tmp_path / name
+        p.write_text(p.read_text().replace("loop: true}", "loop: true, lost_after_s: 1.0}"))
+    site.write_text(site.read_text().replace("[st1.yaml]", "[st1.yaml, st2.yaml]"))
+    service = Service(load_site(site), station_factory=_factory, strict_schemas=True)
+    sub = Collector("127.0.0.1", mosquitto.port, ["lineguard/#"], client_id="lost-collector")
+
+    def state(c, station: str) -> str | None:
+        body = c.last(f"lineguard/line1/{station}/status")
+        return json.loads(body)["state"] if body else None
+
+    try:
+        service.start()
+        assert sub.wait_for(lambda c: state(c, "st2") == "online", 10)
+        (tmp_path / "frames2").rename(tmp_path / "frames2.gone")
+        t0 = time.monotonic()
+        assert sub.wait_for(lambda c: state(c, "st2") == "camera-lost", 10)
+        assert time.monotonic() - t0 < 5.0
+        lost = json.loads(sub.last("lineguard/line1/st2/status"))
+        assert ev.schema_errors("status", lost) == [] and lost["reason"]
+        st1 = service.slots["st1"].station
+        before = st1.frames
+        time.sleep(1.5)
+        assert st1.frames > before and state(sub, "st1") == "online"  # unaffected
+        (tmp_path / "frames2.gone").rename(tmp_path / "frames2")
+        assert sub.wait_for(lambda c: state(c, "st2") == "online", 15)
+    finally:
+        service.stop()
+        sub.close()
+    # retained: a new subscriber sees the last state at once
+    late = Collector("127.0.0.1", mosquitto.port, ["lineguard/+/+/status"], client_id="late")
+    try:
+        assert late.wait_for(lambda c: c.last("lineguard/line1/st2/status") is not None, 5)
+    finally:
+        late.close()
