@@ -63,47 +63,23 @@ def check_configs(release: Path, manifest: Manifest, on_edge: bool = True) -> st
     return f"{what} station config(s) valid (lineguard.runtime.config)"
 
 
-def _read_prompt(path: Path):
-    import cv2
-    import numpy as np
-
-    from lineguard.camera.frame import to_rgb_u8
-
-    image = cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise HealthError(f"prompt image {path}: not an image OpenCV can decode")
-    return to_rgb_u8(image, "BGR")
-
-
 def _run_station(engine: Any, cfg: Any) -> dict[str, Any]:
     """One pass over the prompt image through the runtime's own pipeline (ROI, resize, norm)."""
     import numpy as np
 
-    prompt = _read_prompt(Path(cfg.prompt.image))
-    card, t = engine.card, cfg.thresholds
-    try:
-        from lineguard.runtime.pipeline import Pipeline, Thresholds
-    except ImportError:  # engine without the pipeline: plain encode + detect
-        import cv2
+    from lineguard.runtime.pipeline import Pipeline, Thresholds
+    from lineguard.runtime.station import read_prompt
 
-        h, w = card.input_size
-        img = cv2.resize(prompt, (w, h), interpolation=cv2.INTER_AREA)
-        amap, score = engine.detect(img, engine.encode_prompt(img))
-        amap, defective = np.asarray(amap), None
-    else:
-        pipe = Pipeline(
-            engine,
-            prompt,
-            thresholds=Thresholds(
-                image=float(card.thresholds.image if t.image is None else t.image),
-                pixel=float(card.thresholds.pixel if t.pixel is None else t.pixel),
-                min_area_px=int(t.min_area_px),
-            ),
-            roi=cfg.roi,
-            ignore_masks=cfg.ignore_masks,
-        )
-        d = pipe.process(prompt)
-        amap, score, defective = np.asarray(d.score_map), d.image_score, d.defective
+    prompt, _ = read_prompt(Path(cfg.prompt.image), cfg.prompt.sha256)
+    pipe = Pipeline(
+        engine,
+        prompt,
+        thresholds=Thresholds.resolve(cfg.thresholds, engine.card.thresholds),
+        roi=cfg.roi,
+        ignore_masks=cfg.ignore_masks,
+    )
+    d = pipe.process(prompt)
+    amap, score, defective = np.asarray(d.score_map), d.image_score, d.defective
     if not np.all(np.isfinite(amap)) or not np.isfinite(float(score)):
         raise HealthError(f"station {cfg.station_id}: model output is not finite on its prompt")
     return {"score": float(score), "prompt_defective": defective}

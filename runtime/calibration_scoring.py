@@ -86,10 +86,10 @@ class StationScorer:
     """A station's pipeline, built like `Station` builds it, used to score calibration frames."""
 
     def __init__(self, cfg: StationConfig, engine: Any | None = None) -> None:
-        from lineguard.runtime.station import _read_prompt  # the station's own prompt checks
+        from lineguard.runtime.station import read_prompt  # the station's own prompt checks
 
         self.cfg = cfg
-        prompt, self.prompt_sha256 = _read_prompt(cfg.prompt.image, cfg.prompt.sha256)
+        prompt, self.prompt_sha256 = read_prompt(cfg.prompt.image, cfg.prompt.sha256)
         self._owns_engine = engine is None
         if engine is None:
             from lineguard.runtime.engine import load_engine
@@ -98,13 +98,7 @@ class StationScorer:
                 cfg.model, backend=cfg.engine, precision=cfg.precision, threads=cfg.threads
             )
         self.engine = engine
-        card = engine.card
-        t = cfg.thresholds
-        self.active = Thresholds(
-            image=float(card.thresholds.image if t.image is None else t.image),
-            pixel=float(card.thresholds.pixel if t.pixel is None else t.pixel),
-            min_area_px=int(t.min_area_px),
-        )
+        self.active = Thresholds.resolve(cfg.thresholds, engine.card.thresholds)
         self.pipeline = Pipeline(
             engine, prompt, thresholds=self.active, roi=cfg.roi, ignore_masks=cfg.ignore_masks
         )

@@ -49,6 +49,15 @@ class Thresholds:
     def as_dict(self) -> dict[str, Any]:
         return {"image": self.image, "pixel": self.pixel, "min_area_px": self.min_area_px}
 
+    @classmethod
+    def resolve(cls, configured: Any, defaults: Any) -> Thresholds:
+        """A station's thresholds: its config's values, the model card's defaults where unset."""
+        return cls(
+            image=float(defaults.image if configured.image is None else configured.image),
+            pixel=float(defaults.pixel if configured.pixel is None else configured.pixel),
+            min_area_px=int(configured.min_area_px),
+        )
+
 
 @dataclass(slots=True)
 class Decision:

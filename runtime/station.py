@@ -87,7 +87,7 @@ class FrameQueue:
         return len(self._items)
 
 
-def _read_prompt(path: Path, expected_sha256: str | None) -> tuple[np.ndarray, str]:
+def read_prompt(path: Path, expected_sha256: str | None) -> tuple[np.ndarray, str]:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -129,7 +129,7 @@ class Station:
         self.station_id, self.line_id, self.edge_id = cfg.station_id, cfg.line_id, edge_id
         self.on_event, self.on_status = on_event, on_status
         self.evidence_topic = evidence_topic
-        prompt, self.prompt_sha256 = _read_prompt(cfg.prompt.image, cfg.prompt.sha256)
+        prompt, self.prompt_sha256 = read_prompt(cfg.prompt.image, cfg.prompt.sha256)
         self._owns_engine = engine is None
         if engine is None:
             from lineguard.runtime.engine import load_engine  # heavy; only when really needed
@@ -140,15 +140,10 @@ class Station:
         self.engine = engine
         card = engine.card
         self.model_sha256 = _model_sha256(cfg.model, card)
-        t = cfg.thresholds
         self.pipeline = Pipeline(
             engine,
             prompt,
-            thresholds=Thresholds(
-                image=float(card.thresholds.image if t.image is None else t.image),
-                pixel=float(card.thresholds.pixel if t.pixel is None else t.pixel),
-                min_area_px=int(t.min_area_px),
-            ),
+            thresholds=Thresholds.resolve(cfg.thresholds, card.thresholds),
             roi=cfg.roi,
             ignore_masks=cfg.ignore_masks,
         )
