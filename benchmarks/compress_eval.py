@@ -52,6 +52,7 @@ def build(args: argparse.Namespace) -> Path:
             checkpoint=args.checkpoint,
             data=args.data,
             scheme=args.scheme,
+            preset=args.preset,
             accuracy_control=args.accuracy_control,
             budget=AccuracyBudget(
                 image_auroc=args.max_image_auroc_drop, pixel_ap=args.max_pixel_ap_drop
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", type=Path, help="where to build the artifact (default runs/...)")
     p.add_argument("--accuracy-control", action="store_true")
     p.add_argument("--scheme", default="auto", help="INT8 scheme (see lineguard quantize)")
+    p.add_argument("--preset", default="auto", help="NNCF preset (see lineguard quantize)")
     p.add_argument("--max-image-auroc-drop", type=float, default=0.005)
     p.add_argument("--max-pixel-ap-drop", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)

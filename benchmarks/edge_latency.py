@@ -64,11 +64,20 @@ def file_mb(*paths: Path) -> float:
     return round(sum(p.stat().st_size for p in paths) / 1e6, 2)
 
 
-def build_random(size: int, work: Path, threads: int, calib: int, extra_schemes: list[str]) -> dict:
+def build_random(
+    size: int,
+    work: Path,
+    threads: int,
+    calib: int,
+    extra_schemes: list[str],
+    extra_presets: list[str] = (),
+) -> dict:
     """Export + INT8-quantize a random-head lite2 OneNIP at `size` into `work`.
 
-    `openvino-int8` is the `full` scheme; each of `extra_schemes` (e.g. float-stem) adds a row
-    `openvino-int8-<scheme>`, the price of the safer rungs of the quantize ladder.
+    `openvino-int8` is what `lineguard quantize` tries first (`full` scheme, `performance`
+    preset); each of `extra_schemes` (e.g. float-stem) adds a row `openvino-int8-<scheme>`, the
+    price of the safer rungs of the quantize ladder, and each of `extra_presets` (e.g. mixed) a
+    row `openvino-int8-<preset>`.
     """
     import torch
 
@@ -96,6 +105,11 @@ def build_random(size: int, work: Path, threads: int, calib: int, extra_schemes:
         quantized = nncf_quantize(work / "detector.xml", items, scheme=scheme)
         ov.save_model(quantized, str(path), compress_to_fp16=False)
         extra[scheme] = path
+    for preset in extra_presets:
+        path = work / f"detector_int8_{preset}.xml"
+        quantized = nncf_quantize(work / "detector.xml", items, preset=preset)
+        ov.save_model(quantized, str(path), compress_to_fp16=False)
+        extra[preset] = path
     torch.save(model.state_dict(), work / "state_dict.pt")
     return {
         "model": model,
@@ -384,6 +398,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=["float-stem"],
         help="extra INT8 schemes to time (random model only)",
     )
+    p.add_argument(
+        "--presets",
+        nargs="*",
+        default=["mixed"],
+        help="extra NNCF presets to time with the full scheme (random model only)",
+    )
     p.add_argument("--frame-w", type=int, default=640)
     p.add_argument("--frame-h", type=int, default=480)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -403,13 +423,16 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         for size in args.sizes:
             with tempfile.TemporaryDirectory(prefix=f"lat{size}-") as tmp:
-                built = build_random(size, Path(tmp), args.threads, args.calib, args.schemes)
+                built = build_random(
+                    size, Path(tmp), args.threads, args.calib, args.schemes, args.presets
+                )
                 rows += bench_size(built, size, args)
         model_desc = (
             "OneNIP tf_efficientnet_lite2, hidden 256, 4+4 layers, pretrained backbone, "
-            "random head; openvino-int8 = NNCF PTQ (transformer, mixed, scheme full) on "
-            f"{args.calib} synthetic frames; openvino-int8-<scheme> = the safer rungs of the "
-            "quantize ladder; onnxruntime-int8 = ONNX Runtime quantize_static (QDQ, per-channel) "
+            "random head; openvino-int8 = NNCF PTQ (transformer, performance preset, scheme "
+            f"full) on {args.calib} synthetic frames; openvino-int8-<scheme> = the safer rungs "
+            "of the quantize ladder; openvino-int8-mixed = the mixed (asymmetric) preset; "
+            "onnxruntime-int8 = ONNX Runtime quantize_static (QDQ, per-channel) "
             "on the same frames"
         )
     result = {

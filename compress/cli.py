@@ -58,6 +58,7 @@ def _quantize(args: argparse.Namespace) -> int:
         gate_per_class=args.gate_per_class,
         gate_defects=args.gate_defects,
         scheme=args.scheme,
+        preset=args.preset,
         accuracy_control=args.accuracy_control,
         max_drop=args.max_drop,
         budget=AccuracyBudget(
@@ -149,6 +150,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="ops INT8 may touch: full, float-stem (stride-2 backbone convs float), "
         "float-backbone (only transformer/refiner INT8); auto (default) keeps the first of "
         "these that passes the gate",
+    )
+    q.add_argument(
+        "--preset",
+        choices=("auto", "performance", "mixed"),
+        default="auto",
+        help="NNCF preset: performance (symmetric activations, faster) or mixed (asymmetric); "
+        "auto (default) tries performance then mixed on each scheme",
     )
     q.add_argument(
         "--accuracy-control",

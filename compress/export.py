@@ -31,7 +31,7 @@ from lineguard.compress.gates import (
     run_graphs,
     run_torch,
 )
-from lineguard.compress.graphs import DetectorGraph, PromptEncoderGraph
+from lineguard.compress.graphs import DetectorGraph, PromptEncoderGraph, export_copy
 from lineguard.runtime.artifact import MODEL_JSON, Precision, Thresholds, sha256_file
 from lineguard.runtime.engine import OnnxRuntimeRunner, OpenVINORunner
 from lineguard.runtime.errors import LineGuardError
@@ -110,7 +110,8 @@ def onnx_to_openvino(onnx_path: Path, xml_path: Path) -> Path:
 def export_graphs(
     model: torch.nn.Module, out: Path, dynamic_batch: bool, opset: int = OPSET
 ) -> None:
-    """Both graphs as ONNX and OpenVINO IR FP32 into `out`."""
+    """Both graphs as ONNX and OpenVINO IR FP32 into `out` (from an `export_copy` of `model`)."""
+    model = export_copy(model)
     size = int(model.cfg.input_size)
     # torch.export specialises size-1 axes, so a dynamic batch needs an example batch of 2
     image = torch.randint(0, 256, (2 if dynamic_batch else 1, size, size, 3), dtype=torch.uint8)

@@ -12,6 +12,7 @@ the exported graphs and the loss need. Entry points:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from lineguard.train.backbone import NECK_STRIDE, FrozenBackbone, neck
+
+#: maps ``B×1×h×w`` to ``B×1×H×W`` (the input size); default `bilinear_up`
+Upsample = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def bilinear_up(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, ``align_corners=True`` (the spec's resize of both maps to the input)."""
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
 
 class OneNIPConfig(BaseModel):
@@ -256,17 +265,16 @@ class OneNIP(nn.Module):
         h = self.grid
         return out.transpose(1, 2).reshape(out.shape[0], -1, h, h)
 
-    def refine_logit(self, err: torch.Tensor) -> torch.Tensor:
+    def refine_logit(self, err: torch.Tensor, upsample: Upsample = bilinear_up) -> torch.Tensor:
         """Refiner logit at full input resolution from the C-channel error."""
-        logit = self.refiner(err)
-        size = (self.cfg.input_size, self.cfg.input_size)
-        return F.interpolate(logit, size=size, mode="bilinear", align_corners=True)
+        return upsample(self.refiner(err), self.cfg.input_size)
 
-    def rec_map(self, rec: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    def rec_map(
+        self, rec: torch.Tensor, feats: torch.Tensor, upsample: Upsample = bilinear_up
+    ) -> torch.Tensor:
         """S_rec: channel-L2 error upsampled to the input (align_corners=True)."""
         s = torch.sqrt(((rec - feats) ** 2).sum(dim=1, keepdim=True))
-        size = (self.cfg.input_size, self.cfg.input_size)
-        return F.interpolate(s, size=size, mode="bilinear", align_corners=True)
+        return upsample(s, self.cfg.input_size)
 
     # ---------------------------------------------------------------- entry points
     def encode_prompt(self, images: torch.Tensor) -> torch.Tensor:
@@ -274,13 +282,22 @@ class OneNIP(nn.Module):
         return self.encode(self.jitter(self.tokens(self.features(images))))
 
     def detect_parts(
-        self, images: torch.Tensor, prompt_tokens: torch.Tensor
+        self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(S_rec, M̂), each ``B×1×H×W``; the trainer measures ``fusion_scale`` from these."""
         feats = self.features(images)
         rec = self.reconstruct(self.encode(self.tokens(feats)), prompt_tokens)
-        m_hat = torch.sigmoid(self.refine_logit((rec - feats).abs()))
-        return self.rec_map(rec, feats), m_hat
+        m_hat = torch.sigmoid(self.refine_logit((rec - feats).abs(), upsample))
+        return self.rec_map(rec, feats, upsample), m_hat
+
+    def anomaly_map(
+        self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up
+    ) -> torch.Tensor:
+        """Fused map ``(1-α)·S_rec + α·c·M̂``, ``B×1×H×W``; `upsample` lets export swap the
+        resize for an equivalent that compiles faster."""
+        s_rec, m_hat = self.detect_parts(images, prompt_tokens, upsample)
+        alpha = self.cfg.fusion_alpha
+        return (1.0 - alpha) * s_rec + alpha * self.fusion_scale * m_hat
 
     def detect(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor
@@ -289,9 +306,7 @@ class OneNIP(nn.Module):
 
         ``prompt_tokens`` is ``B×N×D`` or ``1×N×D`` (one golden sample for the whole batch).
         """
-        s_rec, m_hat = self.detect_parts(images, prompt_tokens)
-        alpha = self.cfg.fusion_alpha
-        amap = (1.0 - alpha) * s_rec + alpha * self.fusion_scale * m_hat
+        amap = self.anomaly_map(images, prompt_tokens)
         return amap, self.image_score(amap)
 
     def image_score(self, amap: torch.Tensor) -> torch.Tensor:

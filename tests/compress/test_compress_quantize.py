@@ -13,7 +13,13 @@ import pytest
 from lineguard.compress import quantize as quantize_mod
 from lineguard.compress.gates import AccuracyBudget, GateError, accuracy_figures, check_accuracy
 from lineguard.compress.quantize import INT8_DETECTOR, QuantizeOptions, quantize_artifact
-from lineguard.compress.schemes import SCHEMES, backbone_convs, ignored_scope
+from lineguard.compress.schemes import (
+    PRESETS,
+    SCHEMES,
+    backbone_convs,
+    ignored_scope,
+    resize_matmuls,
+)
 from lineguard.runtime.artifact import load_card
 from lineguard.runtime.engine import load_engine
 
@@ -82,7 +88,8 @@ def test_broken_int8_model_is_refused_and_artifact_unchanged(artifact, tmp_path,
     ) as err:
         quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
     for scheme in SCHEMES:  # every rung of the ladder was tried and refused
-        assert f"[{scheme}] INT8 accuracy gate failed" in str(err.value)
+        for preset in PRESETS:
+            assert f"[{scheme}/{preset}] INT8 accuracy gate failed" in str(err.value)
     assert (out / "model.json").read_bytes() == before
     assert not list(out.glob("*int8*")) and not (out / ".int8-staging").exists()
     assert "int8" not in load_card(out).precisions
@@ -147,24 +154,37 @@ def test_ladder_keeps_the_first_scheme_that_passes(artifact, int8_artifact, tmp_
     real = quantize_mod.check_accuracy
     calls = []
 
-    def refuse_first(figures, budget, evaluated_on):
+    def refuse_full(figures, budget, evaluated_on):
         calls.append(figures)
-        if len(calls) == 1:
+        if len(calls) <= 2:  # both presets of the full scheme
             raise GateError("refused for the test")
         real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0), evaluated_on)
 
-    monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_first)
+    monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_full)
     quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
-    assert len(calls) == 2
+    assert len(calls) == 3
     int8 = load_card(out, verify=True).precisions["int8"]
-    assert "scheme float-stem" in int8.method and "schemes tried: full, float-stem" in int8.method
-    assert int8.accuracy == pytest.approx({k: v for k, v in calls[1].items()})
+    assert "performance preset, scheme float-stem" in int8.method
+    assert "tried: full/performance, full/mixed, float-stem/performance" in int8.method
+    assert int8.accuracy == pytest.approx({k: v for k, v in calls[2].items()})
     # the kept model really is the float-stem one: fewer quantizers than the full scheme's
     full = load_card(int8_artifact).precisions["int8"]
     assert "scheme full" in full.method
     assert _fake_quantize_count(out / INT8_DETECTOR) < _fake_quantize_count(
         int8_artifact / INT8_DETECTOR
     )
+
+
+def test_ladder_order_and_pins():
+    def ladder(**kw):
+        return quantize_mod.rungs(QuantizeOptions(artifact="a", **kw))
+
+    first = [("full", "performance"), ("full", "mixed"), ("float-stem", "performance")]
+    assert ladder()[:3] == first
+    assert len(ladder()) == 6
+    assert ladder(scheme="float-stem") == [("float-stem", "performance"), ("float-stem", "mixed")]
+    assert ladder(preset="mixed") == [(s, "mixed") for s in SCHEMES]
+    assert ladder(accuracy_control=True) == [("full", "performance"), ("full", "mixed")]
 
 
 def test_schemes_select_backbone_convolutions(artifact):
@@ -177,14 +197,21 @@ def test_schemes_select_backbone_convolutions(artifact):
         if op.get_type_name() in ("Convolution", "GroupConvolution")
     ]
     backbone = backbone_convs(model)
+    size = model.input("image").get_partial_shape()[1].get_length()
     # the refiner has two 3x3 convs and the 1x1 predictor; everything else is the backbone
     assert len(convs) - len(backbone) == 3
-    assert ignored_scope(model, "full") is None
-    stem = ignored_scope(model, "float-stem").names
-    size = model.input("image").get_partial_shape()[1].get_length()
+    # every scheme keeps the maps' resize float: R·x·Rᵀ for S_rec and for the refiner logit
+    resize = set(resize_matmuls(model))
+    assert len(resize) == 4
+    for op in model.get_ordered_ops():
+        if op.get_friendly_name() in resize:
+            dims = [int(d) for d in op.get_output_partial_shape(0).to_shape()]
+            assert op.get_type_name() == "MatMul" and size in dims[-2:]
+    assert set(ignored_scope(model, "full").names) == resize
+    stem = set(ignored_scope(model, "float-stem").names) - resize
     by_name = {op.get_friendly_name(): op for op in backbone}
     assert stem and all(
         by_name[n].get_output_partial_shape(0)[2].get_length() == size // 2 for n in stem
     )
     whole = ignored_scope(model, "float-backbone")
-    assert set(whole.names) == set(by_name) and "Interpolate" in whole.types
+    assert set(whole.names) == set(by_name) | resize and "Interpolate" in whole.types
