@@ -53,6 +53,7 @@ def build(args: argparse.Namespace) -> Path:
             data=args.data,
             scheme=args.scheme,
             preset=args.preset,
+            float_ops=args.float_ops,
             accuracy_control=args.accuracy_control,
             budget=AccuracyBudget(
                 image_auroc=args.max_image_auroc_drop, pixel_ap=args.max_pixel_ap_drop
@@ -76,7 +77,11 @@ def evaluate(args: argparse.Namespace, art: Path) -> dict:
     for prec in ("fp32", "int8"):
         files = card.precisions[prec].files
         runner = OpenVINORunner(
-            art / files["prompt_encoder"], art / files["detector"], prec, threads=args.threads
+            art / files["prompt_encoder"],
+            art / files["detector"],
+            prec,
+            threads=args.threads,
+            float_ops=card.precisions[prec].float_ops,
         )
         t0 = time.perf_counter()
         runs[prec] = run_graphs(runner, test, ckpt.prompts)
@@ -123,7 +128,7 @@ def markdown(r: dict) -> str:
         f"# Compression: FP32 vs INT8 on the {r['dataset']} test split",
         "",
         f"{r['test_images']} test images at {r['input_size']} px, {r['prompts']}. "
-        "Both models in OpenVINO (FP32 in true f32). INT8: NNCF PTQ calibrated on "
+        "Both models in OpenVINO. INT8: NNCF PTQ calibrated on "
         f"{r['gate']['int8_calibrated_on']}; gate on {r['gate']['int8_evaluated_on']}.",
         "",
         "| | " + " | ".join(KEYS) + " |",
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--accuracy-control", action="store_true")
     p.add_argument("--scheme", default="auto", help="INT8 scheme (see lineguard quantize)")
     p.add_argument("--preset", default="auto", help="NNCF preset (see lineguard quantize)")
+    p.add_argument("--float-ops", default="bf16", help="INT8 float ops (see lineguard quantize)")
     p.add_argument("--max-image-auroc-drop", type=float, default=0.005)
     p.add_argument("--max-pixel-ap-drop", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)

@@ -11,8 +11,9 @@ faster (profiled on the INT8 lite2 detector at 224 px, 2 threads; `benchmarks/ed
   1-channel tensor wastes the plugin's 16-channel blocked layout: ~1 ms, 8 % of the INT8 detector)
   become two small constant matrix products per map (`R · x · Rᵀ`, exactly the same weights);
 * the image score's box mean pools along the channel axis (rows or columns moved into channels);
-* attention is exported as plain linear projections + `scaled_dot_product_attention` in head-major
-  layout, which drops the sequence-first transposes of `nn.MultiheadAttention`'s exported form.
+* attention is exported as plain linear projections and softmax(q·k + mask)·v in head-major
+  layout, which drops most transposes of `nn.MultiheadAttention`'s exported (sequence-first)
+  form; OpenVINO fuses it into one attention kernel.
 
 None of it changes the model: the export parity gate compares every artifact against the
 untouched `OneNIP.detect` / `encode_prompt` in PyTorch.
@@ -84,8 +85,9 @@ def box_mean_max(amap: torch.Tensor, k: int) -> torch.Tensor:
 class ExportAttention(nn.Module):
     """Same maths as the wrapped `nn.MultiheadAttention` (batch_first, eval), export-friendly.
 
-    Projections are three `linear`s on the module's own weights, heads are split with one
-    transpose each, and the core is `scaled_dot_product_attention` with the additive mask.
+    Projections are three `linear`s on the module's own weights, the 1/√d scale is folded into
+    the query projection, keys are laid out head × dim × token by one permute (which OpenVINO
+    folds into the attention kernel), then softmax(q·k + mask)·v.
     """
 
     def __init__(self, mha: nn.MultiheadAttention) -> None:
@@ -107,13 +109,17 @@ class ExportAttention(nn.Module):
         bq, bk, bv = m.in_proj_bias.chunk(3)
         b, nq, d = query.shape
         h = m.num_heads
+        scale = (d // h) ** -0.5
 
-        def heads(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, w, bias).view(b, x.shape[1], h, d // h).transpose(1, 2)
+        def split(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, w, bias).view(b, x.shape[1], h, d // h)  # B×N×h×dh
 
-        o = F.scaled_dot_product_attention(
-            heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv), attn_mask=attn_mask
-        )
+        q = split(query, wq * scale, bq * scale).transpose(1, 2)  # B×h×Nq×dh
+        k = split(key, wk, bk).permute(0, 2, 3, 1)  # B×h×dh×Nk
+        scores = q @ k
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        o = scores.softmax(dim=-1) @ split(value, wv, bv).transpose(1, 2)
         return m.out_proj(o.transpose(1, 2).reshape(b, nq, d)), None
 
 

@@ -27,37 +27,38 @@ PRESETS: tuple[str, ...] = ("performance", "mixed")
 CONV_TYPES = ("Convolution", "GroupConvolution")
 
 
+def downstream(model: Any, sources: tuple[str, ...]) -> list[tuple[Any, bool]]:
+    """(op, reached) in topological order; reached = the op's type is one of `sources` or one of
+    its inputs comes from a reached op."""
+    reached: set[str] = set()
+    out = []
+    for op in model.get_ordered_ops():
+        hit = op.get_type_name() in sources or any(
+            inp.get_source_output().get_node().get_friendly_name() in reached for inp in op.inputs()
+        )
+        if hit:
+            reached.add(op.get_friendly_name())
+        out.append((op, hit))
+    return out
+
+
 def backbone_convs(model: Any) -> list[Any]:
     """Conv ops with no MatMul upstream (the backbone's, not the refiner's), topological order."""
-    tainted: set[str] = set()
-    convs = []
-    for op in model.get_ordered_ops():
-        name = op.get_friendly_name()
-        upstream = any(
-            inp.get_source_output().get_node().get_friendly_name() in tainted for inp in op.inputs()
-        )
-        if op.get_type_name() == "MatMul" or upstream:
-            tainted.add(name)
-        elif op.get_type_name() in CONV_TYPES:
-            convs.append(op)
-    return convs
+    return [
+        op
+        for op, after_matmul in downstream(model, ("MatMul",))
+        if not after_matmul and op.get_type_name() in CONV_TYPES
+    ]
 
 
 def resize_matmuls(model: Any) -> list[str]:
     """MatMuls downstream of the refiner's transposed convs or of the L2 error's Sqrt: the
     constant-matrix resize of the maps to the input size (nothing else lies there)."""
-    tail: set[str] = set()
-    names = []
-    for op in model.get_ordered_ops():
-        name = op.get_friendly_name()
-        upstream = any(
-            inp.get_source_output().get_node().get_friendly_name() in tail for inp in op.inputs()
-        )
-        if op.get_type_name() in ("Sqrt", "ConvolutionBackpropData") or upstream:
-            tail.add(name)
-            if op.get_type_name() == "MatMul":
-                names.append(name)
-    return names
+    return [
+        op.get_friendly_name()
+        for op, in_tail in downstream(model, ("Sqrt", "ConvolutionBackpropData"))
+        if in_tail and op.get_type_name() == "MatMul"
+    ]
 
 
 def ignored_scope(model: Any, scheme: str) -> Any:

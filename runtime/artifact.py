@@ -73,6 +73,12 @@ class Precision(_Strict):
     )
     calibrated_on: str = Field("", title="Images an INT8 model was calibrated on (never test)")
     method: str = Field("", title="How this precision was produced (tool, settings, scheme)")
+    float_ops: Literal["f32", "bf16"] = Field(
+        "f32",
+        title="Precision OpenVINO runs the ops an INT8 model leaves in float",
+        description="The INT8 gate measured the model this way; engines run it this way (bf16 "
+        "falls back to f32 on CPUs without native bf16).",
+    )
     score_normalization: ScoreNormalization | None = Field(
         None,
         title="Normalisation re-measured with this precision (same normal validation images)",

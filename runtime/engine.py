@@ -8,8 +8,10 @@ Precision is an explicit, measured choice, never an accident of the CPU:
 * `fp32`  — FP32 IR with `INFERENCE_PRECISION_HINT=f32`. Without the hint OpenVINO silently runs
   bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), which moves maps by ~1 % of their range.
 * `bf16`  — the same FP32 IR with the bf16 hint (faster where the CPU has bf16, else like fp32).
-* `int8`  — the NNCF-quantised detector (`*_int8.xml`); the ops left in float run in f32, exactly
-  as the compress stage's INT8 gate measured them. The prompt encoder stays FP32 (runs once).
+* `int8`  — the NNCF-quantised detector (`*_int8.xml`); the ops left in float (LayerNorm, softmax,
+  residual adds, the map's resize) run in the precision the card's `float_ops` names (f32 or bf16),
+  exactly as the compress stage's INT8 gate measured them; bf16 falls back to f32 on CPUs without
+  native bf16. The prompt encoder stays FP32 (runs once).
 ONNX Runtime runs the ONNX graphs in fp32 only.
 """
 
@@ -95,18 +97,28 @@ class OpenVINORunner(GraphRunner):
         cache_dir: str | Path | None = None,
         device: str = "CPU",
         extra_config: dict[str, Any] | None = None,
+        float_ops: str = "f32",
     ) -> None:
         import openvino as ov
 
         if precision not in OV_HINT:
             raise LineGuardError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+        if float_ops not in ("f32", "bf16"):
+            raise LineGuardError(f"float_ops must be f32 or bf16, not {float_ops!r}")
         self.precision = precision
+        self.inference_precision: str | None = None  # what OpenVINO was told (CPU only)
         core = ov.Core()
         if cache_dir is not None:
             core.set_property({"CACHE_DIR": str(cache_dir)})
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
         if device.startswith("CPU"):
-            config["INFERENCE_PRECISION_HINT"] = OV_HINT[precision]
+            hint = float_ops if precision == "int8" else OV_HINT[precision]
+            if hint == "bf16" and "BF16" not in core.get_property(
+                device, "OPTIMIZATION_CAPABILITIES"
+            ):
+                hint = "f32"  # no native bf16: emulation would be slower, f32 more faithful
+            self.inference_precision = hint
+            config["INFERENCE_PRECISION_HINT"] = hint
             config["INFERENCE_NUM_THREADS"] = int(threads)
         config.update(extra_config or {})
         enc_config = (
@@ -302,6 +314,7 @@ def load_engine(
             / files.get("prompt_encoder", _graph_file(card, "prompt_encoder", "openvino", root)),
             root / files["detector"],
             precision=precision,
+            float_ops=card.precisions[files_of].float_ops,
             threads=threads,
             async_jobs=async_jobs,
             cache_dir=cache_dir,

@@ -31,7 +31,11 @@ def test_edge_latency_rows(int8_artifact, tmp_path):
     result = json.loads((tmp_path / "edge_latency.json").read_text())
     assert result["threads"] == 2 and result["cpu"]
     rows = {(r["engine"], r["scope"]): r for r in result["rows"]}
-    assert set(rows) == {(e, s) for e in bench.ENGINES for s in ("detector", "end_to_end")}
+    required = {(e, s) for e in bench.ENGINES for s in ("detector", "end_to_end")}
+    card = json.loads((int8_artifact / "model.json").read_text())
+    other = "bf16" if card["precisions"]["int8"]["float_ops"] == "f32" else "f32"
+    extra = {(f"openvino-int8-{other}-float-ops", s) for s in ("detector", "end_to_end")}
+    assert set(rows) == required | extra
     for r in rows.values():
         assert r["input_size"] == 64
         assert 0 < r["p50_ms"] <= r["p95_ms"] and r["fps"] > 0 and r["size_mb"] > 0
@@ -43,6 +47,7 @@ def test_edge_latency_rows(int8_artifact, tmp_path):
         "int8_vs_pytorch",
         "int8_vs_openvino_f32",
         "bf16_vs_openvino_f32",
+        f"int8-{other}-float-ops_vs_openvino_f32",
     }
     assert (tmp_path / "edge_latency.md").read_text().startswith("# Edge latency")
 

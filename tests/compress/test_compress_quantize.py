@@ -61,6 +61,34 @@ def test_int8_artifact_loads_runs_and_is_smaller(int8_artifact):
     assert np.corrcoef(a8.ravel(), a32.ravel())[0, 1] > 0.9
 
 
+def _native_bf16() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_int8_float_ops_are_recorded_and_honoured(int8_artifact, tmp_path):
+    import openvino as ov
+
+    card = load_card(int8_artifact)
+    int8 = card.precisions["int8"]
+    assert int8.float_ops == "bf16"  # the quantize default, measured by the gate that way
+    assert "INT8 with its float ops in bf16" in int8.evaluated_on
+    engine = load_engine(int8_artifact, "openvino", "int8")
+    expect = "bf16" if _native_bf16() else "f32"
+    assert engine.runner.inference_precision == expect
+    compiled = engine.runner._detector.get_property("INFERENCE_PRECISION_HINT")
+    assert compiled == getattr(ov.Type, expect)
+    assert load_engine(int8_artifact, "openvino", "fp32").runner.inference_precision == "f32"
+    # a card that says f32 gets true f32 float ops
+    out = tmp_path / "art"
+    shutil.copytree(int8_artifact, out)
+    data = json.loads((out / "model.json").read_text())
+    data["precisions"]["int8"]["float_ops"] = "f32"
+    (out / "model.json").write_text(json.dumps(data))
+    assert load_engine(out, "openvino", "int8", verify=False).runner.inference_precision == "f32"
+
+
 def _constant_outputs(model):
     """Replace every output by zeros: a model that detects nothing."""
     import openvino as ov
