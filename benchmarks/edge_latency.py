@@ -386,9 +386,21 @@ def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
         }
         for name in p50:
             if name.startswith("openvino-int8-"):
-                key = name.removeprefix("openvino-") + "_vs_openvino_f32"
-                out[str(size)][key] = round(p50["openvino-fp32"] / p50[name], 2)
+                variant = name.removeprefix("openvino-")
+                out[str(size)][f"{variant}_vs_pytorch"] = round(p50["pytorch-fp32"] / p50[name], 2)
+                out[str(size)][f"{variant}_vs_openvino_f32"] = round(
+                    p50["openvino-fp32"] / p50[name], 2
+                )
     return out
+
+
+def rewrite(path: Path) -> None:
+    """Recompute the derived tables (speed-ups, targets, markdown) of a results JSON in place."""
+    result = json.loads(path.read_text())
+    result["speedups"] = speedups(result["rows"])
+    result["targets"] = targets(result["rows"], result["speedups"])
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown(result))
 
 
 def main(argv: list[str] | None = None) -> dict:

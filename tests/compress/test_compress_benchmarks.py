@@ -48,6 +48,7 @@ def test_edge_latency_rows(int8_artifact, tmp_path):
         "int8_vs_openvino_f32",
         "bf16_vs_openvino_f32",
         f"int8-{other}-float-ops_vs_openvino_f32",
+        f"int8-{other}-float-ops_vs_pytorch",
     }
     assert (tmp_path / "edge_latency.md").read_text().startswith("# Edge latency")
 
