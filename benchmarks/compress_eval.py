@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--accuracy-control", action="store_true")
     p.add_argument("--scheme", default="auto", help="INT8 scheme (see lineguard quantize)")
     p.add_argument("--preset", default="auto", help="NNCF preset (see lineguard quantize)")
-    p.add_argument("--float-ops", default="bf16", help="INT8 float ops (see lineguard quantize)")
+    p.add_argument("--float-ops", default="auto", help="INT8 float ops (see lineguard quantize)")
     p.add_argument("--max-image-auroc-drop", type=float, default=0.005)
     p.add_argument("--max-pixel-ap-drop", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=2)

@@ -161,11 +161,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument(
         "--float-ops",
-        choices=("bf16", "f32"),
-        default="bf16",
+        choices=("auto", "bf16", "f32"),
+        default="auto",
         help="precision of the ops INT8 leaves in float (LayerNorm, softmax, adds), in the gate "
-        "and on stations: bf16 (default; ~5%% faster where the CPU has native bf16, f32 "
-        "elsewhere) or f32 (most faithful)",
+        "and on stations: bf16 (~5-8%% faster where the CPU has native bf16, f32 elsewhere), "
+        "f32 (most faithful); auto (default) gates each rung with bf16, then f32",
     )
     q.add_argument(
         "--accuracy-control",

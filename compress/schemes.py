@@ -24,6 +24,8 @@ from typing import Any
 SCHEMES: tuple[str, ...] = ("full", "float-stem", "float-backbone")
 #: NNCF presets, fastest first: symmetric activations, then asymmetric (zero points)
 PRESETS: tuple[str, ...] = ("performance", "mixed")
+#: precision of the ops INT8 leaves in float, fastest first (a compile hint: no re-quantization)
+FLOAT_OPS: tuple[str, ...] = ("bf16", "f32")
 CONV_TYPES = ("Convolution", "GroupConvolution")
 
 

@@ -14,6 +14,7 @@ from lineguard.compress import quantize as quantize_mod
 from lineguard.compress.gates import AccuracyBudget, GateError, accuracy_figures, check_accuracy
 from lineguard.compress.quantize import INT8_DETECTOR, QuantizeOptions, quantize_artifact
 from lineguard.compress.schemes import (
+    FLOAT_OPS,
     PRESETS,
     SCHEMES,
     backbone_convs,
@@ -70,23 +71,22 @@ def _native_bf16() -> bool:
 def test_int8_float_ops_are_recorded_and_honoured(int8_artifact, tmp_path):
     import openvino as ov
 
-    card = load_card(int8_artifact)
-    int8 = card.precisions["int8"]
-    assert int8.float_ops == "bf16"  # the quantize default, measured by the gate that way
-    assert "INT8 with its float ops in bf16" in int8.evaluated_on
-    engine = load_engine(int8_artifact, "openvino", "int8")
-    expect = "bf16" if _native_bf16() else "f32"
-    assert engine.runner.inference_precision == expect
-    compiled = engine.runner._detector.get_property("INFERENCE_PRECISION_HINT")
-    assert compiled == getattr(ov.Type, expect)
+    int8 = load_card(int8_artifact).precisions["int8"]
+    assert int8.float_ops in ("bf16", "f32")
+    assert f"INT8 with its float ops in {int8.float_ops}" in int8.evaluated_on
+    native = _native_bf16()
+    for ops in ("bf16", "f32"):  # the card's choice, then the other one
+        out = tmp_path / ops
+        shutil.copytree(int8_artifact, out)
+        data = json.loads((out / "model.json").read_text())
+        data["precisions"]["int8"]["float_ops"] = ops
+        (out / "model.json").write_text(json.dumps(data))
+        engine = load_engine(out, "openvino", "int8", verify=False)
+        expect = ops if native else "f32"
+        assert engine.runner.inference_precision == expect
+        compiled = engine.runner._detector.get_property("INFERENCE_PRECISION_HINT")
+        assert compiled == getattr(ov.Type, expect)
     assert load_engine(int8_artifact, "openvino", "fp32").runner.inference_precision == "f32"
-    # a card that says f32 gets true f32 float ops
-    out = tmp_path / "art"
-    shutil.copytree(int8_artifact, out)
-    data = json.loads((out / "model.json").read_text())
-    data["precisions"]["int8"]["float_ops"] = "f32"
-    (out / "model.json").write_text(json.dumps(data))
-    assert load_engine(out, "openvino", "int8", verify=False).runner.inference_precision == "f32"
 
 
 def _constant_outputs(model):
@@ -117,7 +117,8 @@ def test_broken_int8_model_is_refused_and_artifact_unchanged(artifact, tmp_path,
         quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
     for scheme in SCHEMES:  # every rung of the ladder was tried and refused
         for preset in PRESETS:
-            assert f"[{scheme}/{preset}] INT8 accuracy gate failed" in str(err.value)
+            for ops in FLOAT_OPS:
+                assert f"[{scheme}/{preset}/{ops}] INT8 accuracy gate failed" in str(err.value)
     assert (out / "model.json").read_bytes() == before
     assert not list(out.glob("*int8*")) and not (out / ".int8-staging").exists()
     assert "int8" not in load_card(out).precisions
@@ -184,23 +185,50 @@ def test_ladder_keeps_the_first_scheme_that_passes(artifact, int8_artifact, tmp_
 
     def refuse_full(figures, budget, evaluated_on):
         calls.append(figures)
-        if len(calls) <= 2:  # both presets of the full scheme
+        if len(calls) <= 4:  # both presets x both float-ops precisions of the full scheme
             raise GateError("refused for the test")
         real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0), evaluated_on)
 
     monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_full)
     quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
-    assert len(calls) == 3
+    assert len(calls) == 5
     int8 = load_card(out, verify=True).precisions["int8"]
-    assert "performance preset, scheme float-stem" in int8.method
-    assert "tried: full/performance, full/mixed, float-stem/performance" in int8.method
-    assert int8.accuracy == pytest.approx({k: v for k, v in calls[2].items()})
+    assert "performance preset, scheme float-stem, float ops bf16" in int8.method
+    tried = "full/performance/bf16, full/performance/f32, full/mixed/bf16, full/mixed/f32"
+    assert f"tried: {tried}" in int8.method
+    assert int8.float_ops == "bf16"
+    assert int8.accuracy == pytest.approx({k: v for k, v in calls[4].items()})
     # the kept model really is the float-stem one: fewer quantizers than the full scheme's
     full = load_card(int8_artifact).precisions["int8"]
     assert "scheme full" in full.method
     assert _fake_quantize_count(out / INT8_DETECTOR) < _fake_quantize_count(
         int8_artifact / INT8_DETECTOR
     )
+
+
+def test_float_ops_fallback_keeps_the_same_int8_model(artifact, tmp_path, monkeypatch):
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out)
+    real = quantize_mod.check_accuracy
+    quantized = []
+    real_nncf = quantize_mod.nncf_quantize
+    monkeypatch.setattr(
+        quantize_mod, "nncf_quantize", lambda *a, **k: quantized.append(a) or real_nncf(*a, **k)
+    )
+    calls = []
+
+    def refuse_bf16(figures, budget, evaluated_on):
+        calls.append(figures)
+        if len(calls) == 1:
+            raise GateError("refused for the test")
+        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0), evaluated_on)
+
+    monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_bf16)
+    quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
+    int8 = load_card(out, verify=True).precisions["int8"]
+    assert len(quantized) == 1  # the f32 retry is a compile hint, not a second NNCF run
+    assert int8.float_ops == "f32" and "tried: full/performance/bf16" in int8.method
+    assert "INT8 with its float ops in f32" in int8.evaluated_on
 
 
 def test_ladder_order_and_pins():
