@@ -118,7 +118,7 @@ def build_random(
         "int8_extra": extra,
         "ort_int8": ort_int8,
         "prompt": frames[0],
-        "float_ops": "bf16",  # what `lineguard quantize` writes by default
+        "float_ops": "bf16",  # what `lineguard quantize` tries first
         "norm": (0.0, 1.0, 0.0, 1.0),
         "thresholds": (1.0, 1.0),
     }
@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> dict:
         model_desc = (
             "OneNIP tf_efficientnet_lite2, hidden 256, 4+4 layers, pretrained backbone, "
             "random head; openvino-int8 = NNCF PTQ (transformer, performance preset, scheme "
-            f"full) on {args.calib} synthetic frames, float ops in bf16 (the quantize default); "
+            f"full) on {args.calib} synthetic frames, float ops in bf16 (tried first by the "
+            "quantize ladder); "
             "openvino-int8-f32-float-ops = the same IR with float ops in f32; "
             "openvino-int8-<scheme> = the safer rungs of the quantize ladder; "
             "openvino-int8-mixed = the mixed (asymmetric) preset; "
