@@ -10,6 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from lineguard.compress.schemes import FLOAT_OPS, PRESETS, SCHEMES
+
 #: libraries that narrate every graph pass at INFO level
 _CHATTY = ("onnx_ir", "onnxscript", "nncf", "torch.onnx", "torch._dynamo", "torch.export")
 
@@ -144,29 +146,35 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="synthetic defects per normal validation image in the gate set (default 4)",
     )
-    q.add_argument(
-        "--scheme",
-        choices=("auto", "full", "float-stem", "float-backbone"),
-        default="auto",
-        help="ops INT8 may touch: full, float-stem (stride-2 backbone convs float), "
-        "float-backbone (only transformer/refiner INT8); auto (default) keeps the first of "
-        "these that passes the gate",
+    # the three axes of the quantize ladder; `auto` (default) climbs each, fastest first
+    ladder_axes = (
+        (
+            "--scheme",
+            SCHEMES,
+            "ops INT8 may touch: full, float-stem (stride-2 backbone convs float), "
+            "float-backbone (only transformer/refiner INT8)",
+        ),
+        (
+            "--preset",
+            PRESETS,
+            "NNCF preset: performance (symmetric activations, faster) or mixed (asymmetric)",
+        ),
+        (
+            "--float-ops",
+            FLOAT_OPS,
+            "precision of the ops INT8 leaves in float (LayerNorm, softmax, adds), in the gate "
+            "and on stations: bf16 (~5-8%% faster where the CPU has native bf16, f32 "
+            "elsewhere) or f32 (most faithful)",
+        ),
     )
-    q.add_argument(
-        "--preset",
-        choices=("auto", "performance", "mixed"),
-        default="auto",
-        help="NNCF preset: performance (symmetric activations, faster) or mixed (asymmetric); "
-        "auto (default) tries performance then mixed on each scheme",
-    )
-    q.add_argument(
-        "--float-ops",
-        choices=("auto", "bf16", "f32"),
-        default="auto",
-        help="precision of the ops INT8 leaves in float (LayerNorm, softmax, adds), in the gate "
-        "and on stations: bf16 (~5-8%% faster where the CPU has native bf16, f32 elsewhere), "
-        "f32 (most faithful); auto (default) gates each rung with bf16, then f32",
-    )
+    for flag, values, text in ladder_axes:
+        q.add_argument(
+            flag,
+            choices=("auto", *values),
+            default="auto",
+            help=f"{text}; auto (default) tries {', '.join(values)} in this order and keeps "
+            "the first that passes the gate",
+        )
     q.add_argument(
         "--accuracy-control",
         action="store_true",
