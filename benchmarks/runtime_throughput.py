@@ -118,7 +118,7 @@ def build_artifact(work: Path, tiny: bool) -> Path:
     from lineguard.compress.gates import AccuracyBudget
     from lineguard.compress.quantize import QuantizeOptions, quantize_artifact
     from lineguard.train.calibration import calibrate
-    from lineguard.train.checkpoint import FORMAT, save_checkpoint
+    from lineguard.train.checkpoint import checkpoint_payload, save_checkpoint
     from lineguard.train.torch_model import OneNIP
     from lineguard.train.train_config import DataConfig, FolderSource, TrainConfig
     from lineguard.train.train_data import load_training_data
@@ -144,26 +144,8 @@ def build_artifact(work: Path, tiny: bool) -> Path:
     size = cfg.model.input_size
     data = load_training_data(cfg.data, size, cfg.val_fraction, cfg.seed, progress=False)
     calib = calibrate(model, data.val_images, data.val_labels, data.prompt_images(), "cpu", "val")
-    prompts = {
-        c: {"path": str(data.train[i].path), "image": data.train_images[i].copy()}
-        for c, i in zip(data.classes, data.prompt_index, strict=True)
-    }
     ckpt = work / "random_head.pt"
-    save_checkpoint(
-        ckpt,
-        {
-            "format": FORMAT,
-            "model_config": cfg.model.model_dump(mode="json"),
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "train_config": cfg.model_dump(mode="json"),
-            "classes": list(data.classes),
-            "prompts": prompts,
-            "calibration": calib,
-            "data_fingerprint": data.fingerprint,
-            "metrics": {},
-            "epoch": 0,
-        },
-    )
+    save_checkpoint(ckpt, checkpoint_payload(model, cfg, data, calib))
     art = work / "artifact"
     export_artifact(ExportOptions(checkpoint=ckpt, out=art, force=True))
     open_budget = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from lineguard.train.torch_model import OneNIPConfig
 from lineguard.train.train_config import TrainConfig
 
 SIZE = 96
@@ -32,6 +33,22 @@ def normal_image(cls: int, rng: np.random.Generator, s: int = SIZE) -> np.ndarra
         base = np.stack([90 + 80 * n, 140 + 60 * n, 70 + 40 * n], -1)
     base += rng.normal(0, 4, base.shape)
     return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def tiny_model_config(input_size: int = 64, **kw) -> OneNIPConfig:
+    """The smallest OneNIP the export/model tests use (random head; seconds on a CPU)."""
+    base = dict(
+        backbone="tf_efficientnet_lite0",
+        input_size=input_size,
+        hidden_dim=32,
+        nhead=4,
+        dim_feedforward=64,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        refiner_channels=16,
+    )
+    base.update(kw)
+    return OneNIPConfig(**base)
 
 
 def tiny_config(data: dict, out: Path, **kw) -> TrainConfig:

@@ -50,6 +50,34 @@ def unwrap(model: torch.nn.Module) -> OneNIP:
     return model
 
 
+def checkpoint_payload(
+    model: torch.nn.Module,
+    train_config: Any,
+    data: Any,
+    calibration: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    epoch: int = 0,
+) -> dict[str, Any]:
+    """The :data:`REQUIRED_KEYS` of a checkpoint of `model` trained with `train_config` (a
+    `TrainConfig`) on `data` (`TrainingData`: classes, golden prompts, fingerprint)."""
+    prompts = {
+        c: {"path": str(data.train[i].path), "image": data.train_images[i].copy()}
+        for c, i in zip(data.classes, data.prompt_index, strict=True)
+    }
+    return {
+        "format": FORMAT,
+        "model_config": train_config.model.model_dump(mode="json"),
+        "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "train_config": train_config.model_dump(mode="json"),
+        "classes": list(data.classes),
+        "prompts": prompts,
+        "calibration": calibration,
+        "data_fingerprint": data.fingerprint,
+        "metrics": metrics or {},
+        "epoch": epoch,
+    }
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Atomically write ``payload`` (must carry every :data:`REQUIRED_KEYS`) to ``path``."""
     missing = [k for k in REQUIRED_KEYS if k not in payload]

@@ -29,7 +29,11 @@ from tqdm import tqdm
 
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.calibration import calibrate, fused, score_parts, to_tensor
-from lineguard.train.checkpoint import FORMAT, read_checkpoint, save_checkpoint
+from lineguard.train.checkpoint import (
+    checkpoint_payload,
+    read_checkpoint,
+    save_checkpoint,
+)
 from lineguard.train.losses import onenip_loss
 from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_config import DataConfig, TrainConfig
@@ -320,23 +324,12 @@ class Trainer:
             "run_wall_s": time.perf_counter() - self.t_start,  # this invocation, setup included
             "history": self.history,
         }
-        prompts = {
-            c: {"path": str(data.train[i].path), "image": data.train_images[i].copy()}
-            for c, i in zip(data.classes, data.prompt_index, strict=True)
-        }
         save_checkpoint(
             path,
             {
-                "format": FORMAT,
-                "model_config": self.cfg.model.model_dump(mode="json"),
-                "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "train_config": self.cfg.model_dump(mode="json"),
-                "classes": list(data.classes),
-                "prompts": prompts,
-                "calibration": self.calibration,
-                "data_fingerprint": data.fingerprint,
-                "metrics": self.metrics,
-                "epoch": epoch,
+                **checkpoint_payload(
+                    self.model, self.cfg, data, self.calibration, self.metrics, epoch
+                ),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": {"torch": torch.get_rng_state()},

@@ -15,10 +15,11 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from synthetic_parts import tiny_model_config
 
 from lineguard.train.calibration import calibrate
-from lineguard.train.checkpoint import FORMAT, save_checkpoint
-from lineguard.train.torch_model import OneNIP, OneNIPConfig
+from lineguard.train.checkpoint import checkpoint_payload, save_checkpoint
+from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_config import DataConfig, MvtecSource, TrainConfig
 from lineguard.train.train_data import load_training_data
 
@@ -73,27 +74,12 @@ def make_dataset(
     return root
 
 
-def tiny_config(**kw) -> OneNIPConfig:
-    base = dict(
-        backbone="tf_efficientnet_lite0",
-        input_size=SIZE,
-        hidden_dim=32,
-        nhead=4,
-        dim_feedforward=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        refiner_channels=16,
-    )
-    base.update(kw)
-    return OneNIPConfig(**base)
-
-
 def make_checkpoint(path: Path, data_root: Path, seed: int = 0) -> Path:
     """A `lineguard-onenip/1` checkpoint of a tiny random-head OneNIP, calibrated like training."""
     torch.manual_seed(seed)
     cfg = TrainConfig(
         data=DataConfig(mvtec=[MvtecSource(root=data_root)]),
-        model=tiny_config(),
+        model=tiny_model_config(SIZE),
         epochs=1,
         val_fraction=0.25,
         seed=seed,
@@ -103,25 +89,7 @@ def make_checkpoint(path: Path, data_root: Path, seed: int = 0) -> Path:
     model = OneNIP(cfg.model, pretrained=True).eval()
     data = load_training_data(cfg.data, SIZE, cfg.val_fraction, cfg.seed, progress=False)
     calib = calibrate(model, data.val_images, data.val_labels, data.prompt_images(), "cpu", "val")
-    prompts = {
-        c: {"path": str(data.train[i].path), "image": data.train_images[i].copy()}
-        for c, i in zip(data.classes, data.prompt_index, strict=True)
-    }
-    save_checkpoint(
-        path,
-        {
-            "format": FORMAT,
-            "model_config": cfg.model.model_dump(mode="json"),
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "train_config": cfg.model_dump(mode="json"),
-            "classes": list(data.classes),
-            "prompts": prompts,
-            "calibration": calib,
-            "data_fingerprint": data.fingerprint,
-            "metrics": {},
-            "epoch": 0,
-        },
-    )
+    save_checkpoint(path, checkpoint_payload(model, cfg, data, calib))
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic_parts import tiny_model_config
 from torch import nn
 
 from lineguard.compress.graphs import (
@@ -17,7 +18,7 @@ from lineguard.compress.graphs import (
     export_copy,
     to_model_input,
 )
-from lineguard.train.torch_model import OneNIP, OneNIPConfig
+from lineguard.train.torch_model import OneNIP
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(4, 64), (14, 224), (56, 224), (16, 256), (1, 8)])
@@ -60,10 +61,7 @@ def test_export_attention_matches_multihead_attention():
 
 def test_export_graphs_reproduce_detect_and_leave_the_model_alone():
     torch.manual_seed(0)
-    cfg = OneNIPConfig(backbone="tf_efficientnet_lite0", input_size=64, hidden_dim=32, nhead=4)
-    model = OneNIP(
-        cfg.model_copy(update={"num_encoder_layers": 1, "num_decoder_layers": 1}), pretrained=False
-    ).eval()
+    model = OneNIP(tiny_model_config(), pretrained=False).eval()
     with torch.no_grad():
         model.fusion_scale.fill_(2.5)  # a trained model's constant, not the default 1
     fast = export_copy(model)

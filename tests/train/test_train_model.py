@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from synthetic_parts import tiny_model_config
 
 from lineguard.train.losses import dice_loss, feature_mse, onenip_loss
 from lineguard.train.torch_model import OneNIP, OneNIPConfig, count_parameters, neighbor_mask
@@ -16,18 +17,7 @@ SIZE = 64
 
 
 def tiny_cfg(**kw) -> OneNIPConfig:
-    base = dict(
-        backbone="tf_efficientnet_lite0",
-        input_size=SIZE,
-        hidden_dim=32,
-        nhead=4,
-        dim_feedforward=64,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        refiner_channels=16,
-    )
-    base.update(kw)
-    return OneNIPConfig(**base)
+    return tiny_model_config(SIZE, **kw)
 
 
 @pytest.fixture(scope="module")
