@@ -235,21 +235,20 @@ def climb(
     tokens: dict[str, np.ndarray],
     m_fp32: dict[str, float],
     opts: QuantizeOptions,
-) -> tuple[tuple[str, str, str], dict[str, float], Outputs, list[str]]:
+) -> tuple[tuple[str, str, str], OpenVINORunner, dict[str, float], Outputs, list[str]]:
     """Quantize rung by rung until one passes the gate; move its files into the artifact.
 
     Each (scheme, preset) is quantized once and gated with each float-ops precision in turn
     (bf16 first under `auto`: a compile hint, no second NNCF run). Returns ((scheme, preset,
-    float_ops), gate figures, gate outputs, names of the rungs tried before); raises GateError
-    naming every miss when none passes, leaving the artifact as it was.
+    float_ops), the passing runner, gate figures, gate outputs, names of the rungs tried
+    before); raises GateError naming every miss when none passes, leaving the artifact as it was.
     """
     import openvino as ov
 
     root = det_xml.parent
     acq_drop = opts.budget.pixel_ap if opts.max_drop is None else opts.max_drop
     float_ops = FLOAT_OPS if opts.float_ops == "auto" else (opts.float_ops,)
-    misses: list[str] = []
-    tried: list[str] = []
+    misses: list[tuple[str, GateError]] = []
     staging = root / STAGING
     try:
         for scheme, preset in rungs(opts):
@@ -269,16 +268,17 @@ def climb(
                 try:
                     check_accuracy(figures, opts.budget, evalset.description)
                 except GateError as exc:
-                    misses.append(f"[{name}] {exc}")
-                    tried.append(name)
+                    misses.append((name, exc))
                     log.warning("%s: %s", name, exc)
                     continue
-                for f in staging.iterdir():
+                for f in staging.iterdir():  # the compiled runner keeps working after the move
                     f.replace(root / f.name)
-                return (scheme, preset, fops), figures, out, tried
+                return (scheme, preset, fops), runner, figures, out, [n for n, _ in misses]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    raise GateError(" | ".join(misses) + " — artifact left unchanged (FP32 only)")
+    raise GateError(
+        " | ".join(f"[{n}] {exc}" for n, exc in misses) + " — artifact left unchanged (FP32 only)"
+    )
 
 
 def quantize_artifact(opts: QuantizeOptions) -> Path:
@@ -313,7 +313,9 @@ def quantize_artifact(opts: QuantizeOptions) -> Path:
     log.info("calibrating on %s; gate on %s", calibrated_on, evalset.description)
     ref = run_graphs(fp32, evalset, ckpt.prompts, tokens)
     m_fp32 = metrics(ref, evalset)["mean"]
-    rung, figures, out, tried = climb(det_xml, enc_xml, items, evalset, tokens, m_fp32, opts)
+    rung, runner, figures, out, tried = climb(
+        det_xml, enc_xml, items, evalset, tokens, m_fp32, opts
+    )
     scheme, preset, float_ops = rung
     parity = parity_figures(ref, out)
     parity.pop("tokens_max_rel")  # same FP32 prompt encoder: identical by construction
@@ -323,9 +325,6 @@ def quantize_artifact(opts: QuantizeOptions) -> Path:
     int8_card = card.precisions["int8"]
     if tried:
         int8_card.method += "; tried: " + ", ".join(tried)
-    runner = OpenVINORunner(
-        enc_xml, root / INT8_DETECTOR, "int8", threads=opts.threads, float_ops=float_ops
-    )
     norm = int8_normalization(runner, ckpt, td, tokens)
     if norm is not None:
         int8_card.score_normalization = norm
