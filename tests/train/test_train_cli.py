@@ -113,24 +113,17 @@ def make_mvtec(root: Path, classes: int = 2, per_class: int = 6) -> Path:
     return root
 
 
+def tiny_recipe_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`lineguard train` arguments for the tiny test recipe on `data`, writing to `out`."""
+    tiny = str(REPO / "configs/train/tiny_test.yaml")
+    return ["--config", tiny, "--data", str(data), "--out", str(out), "--no-progress", *extra]
+
+
 @pytest.mark.slow
 def test_cli_trains_tiny_recipe_end_to_end(tmp_path, capsys) -> None:
     data = make_mvtec(tmp_path / "ds")
     out = tmp_path / "run"
-    rc, stdout, err = run_cli(
-        [
-            "--config",
-            str(REPO / "configs/train/tiny_test.yaml"),
-            "--data",
-            str(data),
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-        capsys,
-    )
+    rc, stdout, err = run_cli(tiny_recipe_args(data, out, "--epochs", "1"), capsys)
     assert rc == 0, err
     summary = json.loads(stdout)
     assert summary["classes"] == 2 and summary["epochs"] == 1
@@ -140,15 +133,7 @@ def test_cli_trains_tiny_recipe_end_to_end(tmp_path, capsys) -> None:
 
     # time-boxed: stop after epoch 1 of 2, then resume to the end
     out2 = tmp_path / "run2"
-    common = [
-        "--config",
-        str(REPO / "configs/train/tiny_test.yaml"),
-        "--data",
-        str(data),
-        "--out",
-        str(out2),
-        "--no-progress",
-    ]
+    common = tiny_recipe_args(data, out2)
     rc, stdout, err = run_cli([*common, "--stop-after", "1"], capsys)
     assert rc == 0, err
     assert json.loads(stdout)["epochs_done"] == 1 and not (out2 / "final.pt").exists()
@@ -171,17 +156,7 @@ def test_torchrun_ddp_shards_the_data_and_writes_one_checkpoint(tmp_path) -> Non
         "-m",
         "lineguard.runtime.cli",
         "train",
-        "--config",
-        str(REPO / "configs/train/tiny_test.yaml"),
-        "--data",
-        str(data),
-        "--epochs",
-        "1",
-        "--out",
-        str(out),
-        "--no-progress",
-        "--threads",
-        "1",
+        *tiny_recipe_args(data, out, "--epochs", "1", "--threads", "1"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
