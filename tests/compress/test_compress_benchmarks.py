@@ -65,6 +65,10 @@ def test_compress_eval_reports_fp32_and_int8(int8_artifact, checkpoint, dataset,
         assert set(saved[prec]["mean"]) == keys
         assert all(0.0 <= v <= 1.0 for v in saved[prec]["mean"].values())
     assert set(saved["per_class"]) == {"disc", "stripe"}
+    other = saved["int8_other_float_ops"]
+    kept = json.loads((int8_artifact / "model.json").read_text())["precisions"]["int8"]
+    assert {other["float_ops"], kept["float_ops"]} == {"bf16", "f32"}
+    assert set(other["mean"]) == keys and other["vs_int8_on_test"]["map_mean_rel"] >= 0
     for k in keys:
         assert np.isclose(saved["drop"][k], saved["fp32"]["mean"][k] - saved["int8"]["mean"][k])
     assert "never test images" in saved["gate"]["int8_calibrated_on"]
