@@ -75,7 +75,9 @@ def normal_data(ckpt: Checkpoint, data: Path | None = None) -> TrainingData:
     tc = train_config(ckpt)
     cfg = data_config(ckpt, data)
     try:
-        td = load_training_data(cfg, ckpt.input_size, tc.val_fraction, tc.seed, progress=False)
+        td = load_training_data(
+            cfg, ckpt.input_size, tc.val_fraction, tc.seed, progress=False, val_min=tc.val_min
+        )
     except LineGuardError as exc:
         raise LineGuardError(
             f"cannot read the training data of {ckpt.path}: {exc}; pass --data ROOT|PACK"

@@ -71,6 +71,7 @@ def tiny_config(data: dict, out: Path, **kw) -> TrainConfig:
         batch_size=8,
         lr=1e-3,
         val_fraction=0.125,
+        val_min=1,
         device="cpu",
         num_workers=0,
         threads=THREADS,

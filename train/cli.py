@@ -20,12 +20,20 @@ measured on normal validation images carved from train/good, and OUT/final.pt is
 calibration, data fingerprint, metrics). OUT/last.pt is the resume point; OUT/train_log.jsonl
 has one line per epoch.
 
+Without --config the recipe is chosen from the data and the device (backbone, input size and
+widths from the image size and count; see docs/training.md) and trained within a 30-minute
+wall-clock budget: the learning rate warms up and decays over the budget, and the checkpoint
+with the best validation proxy (normal vs synthetic-defect VALIDATION images) becomes final.pt.
+--budget gives any recipe a wall-clock budget instead of a number of epochs.
+
 Several GPUs: torchrun --nproc_per_node=N $(which lineguard) train --config ...
 """
 
 EPILOG = """\
 examples:
-  lineguard train --config configs/train/piped.yaml
+  lineguard train --data my_line --out runs/my_line
+  lineguard train --data my_line --budget 10m --out runs/quick
+  lineguard train --config configs/train/piped.yaml --budget 2h
   lineguard train --config configs/train/cpu_small.yaml --data ../shared/data/piped --epochs 5
   lineguard train --config configs/train/mtd.yaml --data mtd_256.npz --out runs/mtd
   lineguard train --config configs/train/piped.yaml --resume runs/piped/last.pt --epochs 400
@@ -43,11 +51,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--config",
-        required=True,
         type=Path,
         metavar="YAML",
-        help="training recipe (configs/train/*.yaml); data paths in it are relative to the file",
+        help="training recipe (configs/train/*.yaml); data paths in it are relative to the file. "
+        "Default: a recipe chosen from --data and the device (printed, and saved as "
+        "OUT/recipe.yaml)",
     )
+    p.add_argument(
+        "--budget",
+        metavar="TIME",
+        help="wall-clock training budget, e.g. 30m, 1.5h, 900 (seconds); replaces --epochs",
+    )
+    p.add_argument("--lr", type=float, metavar="LR", help="override the (peak) learning rate")
     p.add_argument(
         "--data",
         nargs="+",
@@ -112,6 +127,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "threads": args.threads,
+        "budget": args.budget,
+        "lr": args.lr,
     }
     over.update({k: v for k, v in simple.items() if v is not None})
     if args.out is not None:
@@ -150,13 +167,46 @@ def _data_override(paths: list[Path]) -> dict[str, Any]:
     return {"mvtec": [{"root": str(p)} for p in paths], "folders": [], "pack": None}
 
 
+def _default_config(args: argparse.Namespace):
+    """The data- and device-chosen recipe, with the command line's overrides, saved as YAML."""
+    import torch
+    import yaml
+
+    from lineguard.runtime.errors import LineGuardError
+    from lineguard.train.auto_recipe import default_recipe
+    from lineguard.train.train_config import DataConfig, TrainConfig, _merge
+
+    if not args.data:
+        raise LineGuardError("give --data (the images to train on) or a --config recipe")
+    if args.resume is not None:
+        raise LineGuardError("--resume needs the run's --config (or OUT/recipe.yaml)")
+    over = overrides_from_args(args)
+    cuda = args.device == "cuda" or (args.device != "cpu" and torch.cuda.is_available())
+    out = Path(over.get("out_dir", "runs/train"))
+    recipe, why = default_recipe(DataConfig.model_validate(over["data"]), cuda, out)
+    cfg = TrainConfig.model_validate(_merge(recipe, over))
+    print(why, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(
+        "# chosen by `lineguard train` from the data and the device\n# "
+        + why
+        + "\n"
+        + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+        encoding="utf-8",
+    )
+    return cfg
+
+
 def run_train(args: argparse.Namespace) -> int:
     from lineguard.runtime.errors import LineGuardError
     from lineguard.train.train_config import load_train_config
 
-    if not args.config.is_file():
+    if args.config is None:
+        cfg = _default_config(args)
+    elif not args.config.is_file():
         raise LineGuardError(f"training config {args.config} not found")
-    cfg = load_train_config(args.config, overrides_from_args(args))
+    else:
+        cfg = load_train_config(args.config, overrides_from_args(args))
     from lineguard.train.backbone import BackboneError
     from lineguard.train.trainer import Trainer
 
@@ -167,14 +217,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise LineGuardError(str(exc)) from exc
     if trainer.dist.main:
         done = trainer.history[-1]["epoch"] if trainer.history else trainer.start_epoch
+        finished = cfg.budget is not None or done == cfg.epochs
         summary = {
-            "checkpoint": str(final if done == cfg.epochs else Path(cfg.out_dir) / "last.pt"),
-            "epochs": cfg.epochs,
+            "checkpoint": str(final if finished else Path(cfg.out_dir) / "last.pt"),
+            "epochs": cfg.epochs if cfg.budget is None else done,
             "epochs_done": done,
             "classes": len(trainer.data.classes),
             "train_images": len(trainer.data.train),
             "val_images": len(trainer.data.val),
             "wall_time_s": round(trainer.wall_time, 1),
+            "budget_s": cfg.budget,
             "fusion_scale": trainer.calibration.get("fusion_scale"),
             **{k: v for k, v in trainer.metrics.items() if k.startswith("val_")},
         }

@@ -156,15 +156,28 @@ def _sort_key(s: Sample) -> tuple[str, str, str, str]:
     return (s.dataset, s.category, s.split, s.rel_path)
 
 
+def validation_count(n: int, fraction: float, minimum: int = 8) -> int:
+    """Validation images for a class of ``n``: max(fraction·n, minimum), at most half the class.
+
+    Three images per class (10 % of 30) cannot rank checkpoints or set a threshold; eight can
+    start to. A small class keeps at least half of its images for training, and one in any case.
+    """
+    if fraction <= 0 or n < 2:
+        return 0
+    n_val = max(round(n * fraction), min(minimum, n // 2), 1)
+    return min(n_val, n - 1)
+
+
 def split_validation(
-    samples: Sequence[Sample], fraction: float = 0.1, seed: int = 0
+    samples: Sequence[Sample], fraction: float = 0.1, seed: int = 0, minimum: int = 8
 ) -> tuple[list[Sample], list[Sample]]:
     """Carve a NORMAL validation set from each category's training images.
 
-    Validation images calibrate score normalisation, map fusion and thresholds, so test images
-    never have to. The draw depends only on (seed, category, its file list): adding a category
-    does not change another's split. Each category keeps at least one training image and gets at
-    least one validation image when it has two or more. Test samples are dropped.
+    Validation images calibrate score normalisation, map fusion and thresholds and drive
+    checkpoint selection, so test images never have to. Per category
+    :func:`validation_count` images; the draw depends only on (seed, category, its file list):
+    adding a category does not change another's split, and the same seed gives the same split.
+    Test samples are dropped.
     """
     if not 0.0 <= fraction < 1.0:
         raise LineGuardError(f"validation fraction must be in [0, 1), got {fraction}")
@@ -176,10 +189,7 @@ def split_validation(
     val: list[Sample] = []
     for (dataset, category), items in sorted(by_cat.items()):
         items = sorted(items, key=_sort_key)
-        n_val = round(len(items) * fraction)
-        if fraction > 0 and len(items) >= 2:
-            n_val = max(1, n_val)
-        n_val = min(n_val, len(items) - 1)
+        n_val = validation_count(len(items), fraction, minimum)
         rng = np.random.default_rng([seed, zlib.crc32(f"{dataset}/{category}".encode())])
         chosen = set(rng.permutation(len(items))[:n_val].tolist())
         for i, s in enumerate(items):

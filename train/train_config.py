@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from lineguard.runtime.config_loader import ConfigError, ConfigIssue, display_path, parse_yaml
+from lineguard.train.budget import parse_budget
 from lineguard.train.synthesis import SynthesisConfig
 from lineguard.train.torch_model import OneNIPConfig
 
@@ -83,7 +84,22 @@ class TrainConfig(BaseModel):
     synthesis: SynthesisConfig = Field(
         default_factory=SynthesisConfig, title="synthetic defect mix"
     )
-    epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000)")
+    budget: float | None = Field(
+        None,
+        title="wall-clock training budget in seconds (or '30m', '1.5h'); replaces `epochs`",
+        description="The lr schedule (warm-up, cosine decay) spans the budget; the checkpoint "
+        "with the best validation proxy is kept as final.pt.",
+    )
+    warmup_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, title="budget mode: share of the budget spent warming the lr up"
+    )
+    min_lr_fraction: float = Field(
+        0.02, ge=0.0, le=1.0, title="budget mode: cosine decays the lr to this share of `lr`"
+    )
+    proxy_evals: int = Field(
+        8, ge=1, title="budget mode: validation-proxy evaluations spread over the budget"
+    )
+    epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000; ignored with budget)")
     batch_size: int = Field(8, ge=1, title="normal images per process and step (spec: 8)")
     lr: float = Field(1e-4, gt=0.0, title="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0.0, title="AdamW weight decay")
@@ -97,8 +113,15 @@ class TrainConfig(BaseModel):
     val_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, title="share of each class's normal images held out for calibration"
     )
+    val_min: int = Field(
+        8,
+        ge=0,
+        title="at least this many validation images per class (at most half of the class)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", title="auto = cuda when available")
-    bf16: bool = Field(True, title="bf16 autocast on CUDA (ignored on CPU)")
+    bf16: bool = Field(
+        True, title="bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX)"
+    )
     num_workers: int = Field(4, ge=0, title="DataLoader worker processes (defect synthesis)")
     threads: int | None = Field(None, ge=1, title="torch CPU threads (None = torch default)")
     cache_features: bool = Field(
@@ -112,6 +135,15 @@ class TrainConfig(BaseModel):
     resume: Path | None = Field(None, title="checkpoint to continue from (same data and model)")
 
     _abs = field_validator("out_dir", "resume")(_resolve)
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: object) -> float | None:
+        if value is None:
+            return None
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ValueError("budget: expected seconds or a string like '30m'")
+        return parse_budget(value)
 
     def step_size(self) -> int:
         """Epochs at the initial lr before the StepLR drop (spec: 800 of 1000)."""

@@ -70,7 +70,12 @@ def _normal_pack(cfg: DataConfig, size: int, progress: bool) -> Pack:
 
 
 def load_training_data(
-    cfg: DataConfig, size: int, val_fraction: float, seed: int, progress: bool = True
+    cfg: DataConfig,
+    size: int,
+    val_fraction: float,
+    seed: int,
+    progress: bool = True,
+    val_min: int = 8,
 ) -> TrainingData:
     """Read (or unpack) the normal images, split off validation, pick the default prompts.
 
@@ -81,7 +86,7 @@ def load_training_data(
     if len(pack) == 0:
         raise LineGuardError("the data sources hold no normal training images")
     row = pack.index_of()
-    train, val = split_validation(pack.samples, val_fraction, seed)
+    train, val = split_validation(pack.samples, val_fraction, seed, val_min)
     classes = sorted({s.category for s in train})
     cls_id = {c: i for i, c in enumerate(classes)}
     train_rows = [row[(s.dataset, s.rel_path)] for s in train]

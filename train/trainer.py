@@ -28,19 +28,19 @@ from torch import nn
 from tqdm import tqdm
 
 from lineguard.runtime.errors import LineGuardError
-from lineguard.train.calibration import calibrate, fused, score_parts, to_tensor
+from lineguard.train.calibration import calibrate, to_tensor
 from lineguard.train.checkpoint import (
     checkpoint_payload,
     read_checkpoint,
     save_checkpoint,
 )
 from lineguard.train.losses import onenip_loss
+from lineguard.train.proxy import proxy_and_calibration, synthetic_validation
 from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import (
     EpochSampler,
     SyntheticDefects,
-    TrainingData,
     load_training_data,
     make_synthesizer,
 )
@@ -103,28 +103,14 @@ def cache_features(
     return torch.cat(out)
 
 
-def validation_metrics(
-    model: OneNIP, data: TrainingData, synth, seed: int, device, limit: int = 256
-) -> dict[str, float]:
-    """Image AUROC of normal vs synthetic-defect VALIDATION images (fixed prompts, fixed seed)."""
-    from sklearn.metrics import roc_auc_score
-
-    images, labels = data.val_images[:limit], data.val_labels[:limit]
-    if len(images) == 0:
-        return {}
-    defects = np.stack(
-        [
-            synth(img, np.random.default_rng([seed, 999_999, i]), int(lab))[0]
-            for i, (img, lab) in enumerate(zip(images, labels, strict=True))
-        ]
-    )
-    both = np.concatenate([images, defects])
-    s_rec, m_hat = score_parts(
-        model, both, np.concatenate([labels, labels]), data.prompt_images(), device
-    )
-    _, scores = fused(model, s_rec, m_hat)
-    y = np.r_[np.zeros(len(images)), np.ones(len(images))]
-    return {"val_synthetic_image_auroc": float(roc_auc_score(y, scores))}
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units on this CPU (AVX512-BF16 or AMX): bf16 autocast pays off."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class Trainer:
@@ -139,13 +125,14 @@ class Trainer:
         self.device = pick_device(cfg, self.dist)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.use_bf16 = cfg.bf16 and self.device.type == "cuda"
+        self.use_bf16 = cfg.bf16 and (self.device.type == "cuda" or cpu_has_bf16())
         self.data = load_training_data(
             cfg.data,
             cfg.model.input_size,
             cfg.val_fraction,
             cfg.seed,
             progress=progress and self.dist.main,
+            val_min=cfg.val_min,
         )
         torch.manual_seed(cfg.seed)
         self.model = OneNIP(cfg.model).to(self.device)
@@ -159,13 +146,16 @@ class Trainer:
         self.synth = make_synthesizer(self.data, cfg.synthesis)
         self.start_epoch, self.wall_time, self.history = 0, 0.0, []
         self.calibration: dict = {}
+        self._val_defects = None
         self.metrics: dict = {}
         if cfg.resume is not None:
+            if cfg.budget is not None:
+                raise LineGuardError("a budgeted run cannot resume: start it again with --budget")
             self._resume(cfg.resume)
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
     def _resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
@@ -214,12 +204,8 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ training
-    def fit(self, stop_epoch: int | None = None) -> Path:
-        """Train to ``cfg.epochs``; returns the final checkpoint path (``out_dir/final.pt``).
-
-        ``stop_epoch`` ends the run early after that epoch with ``last.pt`` written and no
-        ``final.pt`` (a time-boxed job; resume continues the same schedule).
-        """
+    def _prepare(self):
+        """Loader, cached features (or images) and the (DDP-wrapped) train step."""
         cfg, data, dev = self.cfg, self.data, self.device
         dataset = SyntheticDefects(
             data.train_images, data.train_labels, data.members(), self.synth, cfg.seed
@@ -234,6 +220,43 @@ class Trainer:
         if self.dist.world > 1:
             ids = [dev.index] if dev.type == "cuda" else None
             step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+        return loader, feats, images, step
+
+    def _step(self, step: nn.Module, batch, feats, images) -> torch.Tensor:
+        """One optimiser step on a loader batch; returns the detached loss parts."""
+        dev = self.device
+        rows, prompts, synthetic, mask = batch
+        kw = {"synthetic": to_tensor(synthetic, dev)}
+        if feats is not None:
+            kw["image_feats"] = feats[rows.to(dev)]
+            kw["prompt_feats"] = feats[prompts.to(dev)]
+        else:
+            kw["image"] = to_tensor(images[rows.to(dev)], dev)
+            kw["prompt"] = to_tensor(images[prompts.to(dev)], dev)
+        # enable_grad: a caller (or an earlier command in this process) may have turned
+        # autograd off globally
+        with torch.enable_grad():
+            with self.autocast():
+                out = step(**kw)
+            loss, parts = onenip_loss(out, mask.to(dev, non_blocking=True))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        return torch.stack([parts[k].float() for k in LOSS_PARTS])
+
+    def fit(self, stop_epoch: int | None = None) -> Path:
+        """Train to ``cfg.epochs`` (or the budget); returns ``out_dir/final.pt``.
+
+        ``stop_epoch`` ends the run early after that epoch with ``last.pt`` written and no
+        ``final.pt`` (a time-boxed job; resume continues the same schedule).
+        """
+        if self.cfg.budget is not None:
+            from lineguard.train.budget_fit import fit_budget
+
+            return fit_budget(self)
+        cfg, dev = self.cfg, self.device
+        loader, feats, images, step = self._prepare()
         end = (
             cfg.epochs if stop_epoch is None else max(self.start_epoch, min(stop_epoch, cfg.epochs))
         )
@@ -253,25 +276,8 @@ class Trainer:
             self.model.train()
             sums = torch.zeros(len(LOSS_PARTS), device=dev)  # on device: no sync per step
             n = 0
-            for rows, prompts, synthetic, mask in loader:
-                kw = {"synthetic": to_tensor(synthetic, dev)}
-                if feats is not None:
-                    kw["image_feats"] = feats[rows.to(dev)]
-                    kw["prompt_feats"] = feats[prompts.to(dev)]
-                else:
-                    kw["image"] = to_tensor(images[rows.to(dev)], dev)
-                    kw["prompt"] = to_tensor(images[prompts.to(dev)], dev)
-                # enable_grad: a caller (or an earlier command in this process) may have turned
-                # autograd off globally
-                with torch.enable_grad():
-                    with self.autocast():
-                        out = step(**kw)
-                    loss, parts = onenip_loss(out, mask.to(dev, non_blocking=True))
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
-                self.optimizer.step()
-                sums += torch.stack([parts[k].float() for k in LOSS_PARTS])
+            for batch in loader:
+                sums += self._step(step, batch, feats, images)
                 n += 1
                 bar.update(1)
                 if n % 10 == 1 or n == len(loader):
@@ -284,15 +290,7 @@ class Trainer:
             self.scheduler.step()
             seconds = time.perf_counter() - t0
             self.wall_time += seconds
-            row = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "steps": n,
-                "seconds": round(seconds, 3),
-                "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
-                **dict(zip(LOSS_PARTS, (sums / max(n, 1)).tolist(), strict=True)),
-            }
-            self.history.append(row)
+            row = self._history_row(epoch + 1, lr, n, seconds, cpu0, sums)
             last = epoch + 1 == end
             due = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
             if self.dist.main:
@@ -310,36 +308,53 @@ class Trainer:
             dist.destroy_process_group()
         return final
 
+    def _history_row(self, epoch, lr, n, seconds, cpu0, sums) -> dict:
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "steps": n,
+            "seconds": round(seconds, 3),
+            "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
+            **dict(zip(LOSS_PARTS, (sums / max(n, 1)).tolist(), strict=True)),
+        }
+        self.history.append(row)
+        return row
+
+    def evaluate_proxy(self) -> dict[str, float]:
+        """Measure c and the normalisation on normal validation images, and the proxy."""
+        if self._val_defects is None:
+            self._val_defects = synthetic_validation(self.data, self.synth, self.cfg.seed)
+        proxy, self.calibration = proxy_and_calibration(
+            self.model, self.data, self._val_defects, self.device
+        )
+        return proxy
+
+    def payload(self, epoch: int, extra_metrics: dict | None = None) -> dict:
+        """The checkpoint dict of the model as it is now (calibration must be current)."""
+        data = self.data
+        return {
+            **checkpoint_payload(self.model, self.cfg, data, self.calibration, self.metrics, epoch),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "wall_time_s": self.wall_time,
+            "split": {
+                "train": [f"{s.dataset}/{s.rel_path}" for s in data.train],
+                "val": [f"{s.dataset}/{s.rel_path}" for s in data.val],
+            },
+        }
+
     def _checkpoint(self, path: Path, epoch: int) -> None:
         """Calibrate on normal validation images, then write the checkpoint atomically."""
-        data, dev = self.data, self.device
-        images, labels, source = data.val_images, data.val_labels, "val"
-        if len(images) == 0:  # val_fraction 0: calibrate on training images, and say so
-            images, labels, source = data.train_images, data.train_labels, "train"
-        self.calibration = calibrate(self.model, images, labels, data.prompt_images(), dev, source)
+        proxy = self.evaluate_proxy()
         self.metrics = {
-            **validation_metrics(self.model, data, self.synth, self.cfg.seed, dev),
+            **proxy,
             **{f"train_{k}": v for k, v in self.history[-1].items() if k not in ("epoch",)},
             "seconds_per_epoch": self.wall_time / max(len(self.history), 1),
             "run_wall_s": time.perf_counter() - self.t_start,  # this invocation, setup included
             "history": self.history,
         }
-        save_checkpoint(
-            path,
-            {
-                **checkpoint_payload(
-                    self.model, self.cfg, data, self.calibration, self.metrics, epoch
-                ),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state()},
-                "wall_time_s": self.wall_time,
-                "split": {
-                    "train": [f"{s.dataset}/{s.rel_path}" for s in data.train],
-                    "val": [f"{s.dataset}/{s.rel_path}" for s in data.val],
-                },
-            },
-        )
+        save_checkpoint(path, self.payload(epoch))
 
 
 def _cpu_seconds() -> float:

@@ -1,0 +1,112 @@
+"""The default recipe, chosen from the data and the device when `lineguard train` has no --config.
+
+A new user's first model must be the one that wins, not a smoke test, so the rule below is the
+recipe measured best on VALIDATION data (the proxy of :mod:`lineguard.train.proxy`) within a
+30-minute budget on a 2-core CPU, and the spec's architecture on a GPU. The rule (also in
+docs/training.md):
+
+* CPU: EfficientNet-Lite0, transformer D 128 with 2+2 layers, batch 8, bf16 autocast where the
+  CPU has native bf16. Within a fixed budget, optimizer steps matter more than width. Input 128
+  px, or 160 px when the median short side of the images is 256 px or more (small defects on
+  large images need the pixels; the extra tokens cost ~1.4x per step).
+* GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
+  256 px when the median short side is 256 px or more.
+* Either device: a 30-minute budget, peak lr ``PEAK_LR`` with 5 % warm-up and cosine decay,
+  gradient clip 0.1, validation max(10 %, 8) images per class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lineguard.train.train_config import DataConfig
+
+DEFAULT_BUDGET_S = 1800.0
+PEAK_LR = 4e-4
+_SIZE_SAMPLE = 64  # images read (headers decoded) to estimate the typical size
+
+
+def median_short_side(data: DataConfig) -> tuple[int, int]:
+    """(median short side in pixels, number of normal training images) of the data sources."""
+    import cv2
+
+    from lineguard.train.data import scan_folder, scan_mvtec
+    from lineguard.train.pack import load_pack
+
+    if data.pack is not None:
+        pack = load_pack(data.pack, progress=False)
+        normal = pack.select(lambda s: s.split == "train" and s.label == 0)
+        return int(pack.size), len(normal)
+    samples = []
+    for src in data.mvtec:
+        samples += [s for s in scan_mvtec(src.root, src.categories) if s.split == "train"]
+    for src in data.folders:
+        samples += scan_folder(src.path, src.category)
+    if not samples:
+        return 0, 0
+    step = max(1, len(samples) // _SIZE_SAMPLE)
+    sides = []
+    for s in samples[::step]:
+        img = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED)
+        if img is not None:
+            sides.append(min(img.shape[:2]))
+    return (int(np.median(sides)) if sides else 0), len(samples)
+
+
+def default_recipe(
+    data: DataConfig, cuda: bool, out_dir: Path | None = None
+) -> tuple[dict[str, Any], str]:
+    """(recipe as TrainConfig keys, why in one line) for ``data`` on this device."""
+    side, count = median_short_side(data)
+    large = side >= 256
+    if cuda:
+        model = {
+            "backbone": "tf_efficientnet_lite2",
+            "input_size": 256 if large else 224,
+            "hidden_dim": 256,
+            "nhead": 8,
+            "dim_feedforward": 1024,
+            "num_encoder_layers": 4,
+            "num_decoder_layers": 4,
+            "refiner_channels": 128,
+            "score_pool": 16,
+        }
+        hardware = {"device": "cuda", "batch_size": 16, "num_workers": 8}
+    else:
+        model = {
+            "backbone": "tf_efficientnet_lite0",
+            "input_size": 160 if large else 128,
+            "hidden_dim": 128,
+            "nhead": 4,
+            "dim_feedforward": 512,
+            "num_encoder_layers": 2,
+            "num_decoder_layers": 2,
+            "refiner_channels": 64,
+            "score_pool": 8,
+        }
+        hardware = {"device": "cpu", "batch_size": 8, "num_workers": 1}
+    recipe: dict[str, Any] = {
+        "data": data.model_dump(mode="json"),
+        "model": model,
+        "budget": DEFAULT_BUDGET_S,
+        "lr": PEAK_LR,
+        "warmup_fraction": 0.05,
+        "min_lr_fraction": 0.02,
+        "grad_clip": 0.1,
+        "val_fraction": 0.1,
+        "val_min": 8,
+        "bf16": True,
+        **hardware,
+    }
+    if out_dir is not None:
+        recipe["out_dir"] = str(out_dir)
+    why = (
+        f"default recipe for {count} normal images, median short side {side} px, on "
+        f"{'cuda' if cuda else 'cpu'}: {model['backbone']} at {model['input_size']} px, "
+        f"D {model['hidden_dim']}, {model['num_encoder_layers']}+{model['num_decoder_layers']} "
+        f"layers, budget {DEFAULT_BUDGET_S / 60:.0f} min"
+    )
+    return recipe, why

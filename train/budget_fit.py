@@ -1,0 +1,183 @@
+"""The budgeted training loop: train until the wall-clock budget is spent, keep the best proxy.
+
+Everything from the feature cache on counts against the budget, proxy evaluations included, so
+``wall_time_s <= budget_s`` holds for the whole run. The lr follows the budget (see
+:mod:`lineguard.train.budget`); every proxy evaluation adds a point ``{wall_s, val_proxy, ...}``
+to the curve, and the weights with the best proxy so far are written to ``best.pt`` at once (a
+crash keeps the best model). At the end they become ``final.pt``, whose metrics hold the budget,
+the wall time and the whole curve. Under ``torchrun`` rank 0's clock decides for every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from lineguard.train.budget import BudgetClock
+from lineguard.train.checkpoint import save_checkpoint
+
+if TYPE_CHECKING:
+    from lineguard.train.trainer import Trainer
+
+
+def _agree(tr: Trainer, *flags: bool) -> list[bool]:
+    """Rank 0's decisions, broadcast so every DDP rank stops / evaluates at the same step."""
+    if tr.dist.world <= 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=tr.device)
+    dist.broadcast(t, 0)
+    return [bool(v) for v in t.tolist()]
+
+
+class _Run:
+    """State of one budgeted run: clock, curve, best weights."""
+
+    def __init__(self, tr: Trainer) -> None:
+        cfg = tr.cfg
+        assert cfg.budget is not None
+        self.tr = tr
+        self.clock = BudgetClock(
+            cfg.budget, cfg.warmup_fraction, cfg.min_lr_fraction, cfg.proxy_evals
+        )
+        self.curve: list[dict] = []
+        self.best_proxy = -math.inf
+        self.best_state: dict | None = None
+        self.best_calibration: dict = {}
+        self.best_point: dict = {}
+        self.steps = 0
+        self.epoch = 0
+        self.loss = float("nan")
+
+    def evaluate(self) -> None:
+        """Proxy + calibration now; keep (and write) the weights if they are the best yet."""
+        tr = self.tr
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        proxy = tr.evaluate_proxy()
+        point = {
+            "wall_s": round(self.clock.elapsed(), 2),
+            "step": self.steps,
+            "epoch": self.epoch,
+            "lr": tr.optimizer.param_groups[0]["lr"],
+            "loss": self.loss,
+            **proxy,
+        }
+        self.curve.append(point)
+        value = proxy.get("val_proxy", -math.inf)
+        if self.best_state is None or value > self.best_proxy:
+            self.best_proxy = value
+            self.best_point = point
+            self.best_calibration = dict(tr.calibration)
+            self.best_state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+            tr.metrics = self.metrics()
+            save_checkpoint(Path(tr.cfg.out_dir) / "best.pt", tr.payload(self.epoch))
+        self.clock.record_eval(time.perf_counter() - t0)
+
+    def metrics(self) -> dict:
+        tr = self.tr
+        return {
+            **{k: v for k, v in self.best_point.items() if k.startswith("val_")},
+            "budget_s": tr.cfg.budget,
+            "wall_time_s": round(self.clock.elapsed(), 2),
+            "steps": self.steps,
+            "best": self.best_point,
+            "curve": self.curve,
+            "bf16": tr.use_bf16,
+            "device": str(tr.device),
+            "seconds_per_epoch": tr.wall_time / max(len(tr.history), 1),
+            "run_wall_s": time.perf_counter() - tr.t_start,
+            "history": tr.history,
+        }
+
+
+def fit_budget(tr: Trainer) -> Path:
+    """Train ``tr`` within ``cfg.budget`` seconds; returns ``out_dir/final.pt`` (best proxy)."""
+    from lineguard.train.trainer import LOSS_PARTS, _append_log, _cpu_seconds
+
+    cfg, dev = tr.cfg, tr.device
+    run = _Run(tr)
+    clock = run.clock
+    out_dir = Path(cfg.out_dir)
+    loader, feats, images, step = tr._prepare()
+    bar = tqdm(
+        total=round(clock.budget_s),
+        desc="train",
+        unit="s",
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}",
+        disable=not (tr.progress and tr.dist.main),
+    )
+    stop = False
+    while not stop:
+        loader.sampler.set_epoch(run.epoch)
+        tr.model.train()
+        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        sums = torch.zeros(len(LOSS_PARTS), device=dev)
+        n, t_last = 0, time.perf_counter()
+        for batch in loader:
+            (stop,) = _agree(tr, clock.must_stop())
+            if stop:
+                break
+            lr = cfg.lr * clock.factor()
+            for group in tr.optimizer.param_groups:
+                group["lr"] = lr
+            sums += tr._step(step, batch, feats, images)
+            n += 1
+            run.steps += 1
+            now = time.perf_counter()
+            clock.record_step(now - t_last)
+            t_last = now
+            if n % 10 == 1:
+                run.loss = sums[0].item() / n
+                bar.n = min(round(clock.elapsed()), bar.total)
+                bar.set_postfix_str(
+                    f"left {clock.describe()} epoch {run.epoch + 1} loss {run.loss:.4f} "
+                    f"lr {lr:.1e} proxy {run.best_proxy if run.curve else float('nan'):.3f}"
+                )
+            (due,) = _agree(tr, clock.eval_due())
+            if due:
+                run.loss = sums[0].item() / n
+                if tr.dist.main:
+                    run.evaluate()
+                if tr.dist.world > 1:
+                    dist.barrier()
+                tr.model.train()
+                t_last = time.perf_counter()
+        if n:
+            tr.wall_time += time.perf_counter() - t0
+            row = tr._history_row(
+                run.epoch + 1,
+                tr.optimizer.param_groups[0]["lr"],
+                n,
+                time.perf_counter() - t0,
+                cpu0,
+                sums,
+            )
+            run.loss = row["total"]
+            if tr.dist.main:
+                _append_log(out_dir / "train_log.jsonl", row)
+        if n == 0 and not stop:
+            stop = True  # an empty loader never advances the clock enough: do not spin
+        run.epoch += 1
+    if tr.dist.main:
+        run.evaluate()  # the end of the budget is always a candidate
+        assert run.best_state is not None
+        tr.model.load_state_dict(run.best_state)
+        tr.calibration = run.best_calibration
+        tr.wall_time = clock.elapsed()
+        tr.metrics = run.metrics()
+        tr.metrics["wall_time_s"] = round(tr.wall_time, 2)
+        save_checkpoint(out_dir / "final.pt", tr.payload(run.best_point.get("epoch", 0)))
+    bar.n = bar.total
+    bar.close()
+    if tr.dist.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out_dir / "final.pt"

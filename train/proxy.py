@@ -1,0 +1,75 @@
+"""The validation proxy: how well a model separates normal from synthetic-defect VALIDATION images.
+
+Test sets are for the final report only, so every choice made during training (which checkpoint
+to keep, when to stop, which recipe wins) rests on this number. The validation images are normal
+images carved from ``train/good`` that the model never trained on; each gets a synthetic defect
+drawn with a fixed seed (the same ones at every evaluation), and every image is scored against
+its class's FIXED golden prompt, as a station would. One pass scores the normal and defective
+halves; the normal half also gives the fusion scale c and the score normalisation
+(:mod:`lineguard.train.calibration`), so the proxy judges the model exactly as it would ship.
+
+proxy = mean of the image AUROC (normal vs defective) and the pixel AP of the synthetic masks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lineguard.train.calibration import fused, fusion_scale, normalisation, score_parts
+from lineguard.train.torch_model import OneNIP
+from lineguard.train.train_data import TrainingData
+
+
+def synthetic_validation(
+    data: TrainingData, synth, seed: int, limit: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(defective images, their masks, labels): one fixed synthetic defect per validation image."""
+    images, labels = data.val_images[:limit], data.val_labels[:limit]
+    out = [
+        synth(img, np.random.default_rng([seed, 999_999, i]), int(lab))
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True))
+    ]
+    if not out:
+        empty = np.zeros((0, *images.shape[1:3]), np.float32)
+        return images[:0], empty, labels[:0]
+    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out]), labels
+
+
+def proxy_and_calibration(
+    model: OneNIP,
+    data: TrainingData,
+    defects: tuple[np.ndarray, np.ndarray, np.ndarray],
+    device,
+) -> tuple[dict[str, float], dict]:
+    """Score normal + synthetic validation images once; set c; return (metrics, calibration).
+
+    Calibration (c and the normalisation) uses the NORMAL validation images only. Without
+    validation images (``val_fraction`` 0) it falls back to the training images and no proxy
+    is reported.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    prompts = data.prompt_images()
+    normal, labels, source = data.val_images, data.val_labels, "val"
+    if len(normal) == 0:
+        normal, labels, source = data.train_images, data.train_labels, "train"
+    bad, masks, bad_labels = defects
+    both = np.concatenate([normal, bad]) if len(bad) else normal
+    s_rec, m_hat = score_parts(model, both, np.concatenate([labels, bad_labels]), prompts, device)
+    n = len(normal)
+    model.fusion_scale.fill_(fusion_scale(s_rec[:n], m_hat[:n]))
+    amap, scores = fused(model, s_rec, m_hat)
+    calib = normalisation(scores[:n], amap[:n], source)
+    calib["fusion_scale"] = float(model.fusion_scale)
+    if len(bad) == 0 or source != "val":
+        return {}, calib
+    y = np.r_[np.zeros(n), np.ones(len(bad))]
+    image_auroc = float(roc_auc_score(y, scores))
+    # pixel AP over the defective half only: normal images add true negatives, not information
+    truth = (masks.reshape(len(bad), -1) > 0.5).ravel()
+    pixel_ap = float(average_precision_score(truth, amap[n:].reshape(len(bad), -1).ravel()))
+    return {
+        "val_synthetic_image_auroc": image_auroc,
+        "val_synthetic_pixel_ap": pixel_ap,
+        "val_proxy": 0.5 * (image_auroc + pixel_ap),
+    }, calib
