@@ -67,3 +67,79 @@ def test_runtime_throughput_tiny(tmp_path: Path) -> None:
     assert row["cpu_percent"] > 0 and row["rss_mb"] > 50
     table = (out / "runtime_throughput.md").read_text()
     assert "| stations |" in table and f"| 1 | {row['fps_per_station']} |" in table
+
+
+def _tiny_mvtec(root: Path, size: int, seed: int) -> Path:
+    """One class of generated parts, MVTec layout, with a few drawn defects and their masks."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    cat = root / "part"
+    for split, n in (("train", 12), ("test", 3)):
+        for i in range(n):
+            img = cv2.GaussianBlur(rng.random((size, size, 3)).astype(np.float32), (0, 0), 2)
+            path = cat / split / "good" / f"{i:02d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), (img * 255).astype(np.uint8))
+    for i in range(3):
+        img = cv2.GaussianBlur(rng.random((size, size, 3)).astype(np.float32), (0, 0), 2) * 255
+        mask = np.zeros((size, size), np.uint8)
+        mask[8:20, 10:24] = 255
+        img[mask > 0] = 250
+        for sub, arr in (("test/dent", img), ("ground_truth/dent", mask)):
+            path = cat / sub / (f"{i:02d}.png" if sub.startswith("test") else f"{i:02d}_mask.png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), arr.astype(np.uint8))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_gpu_train_script_runs_on_cpu_with_a_tiny_budget(tmp_path: Path) -> None:
+    """The one prepared GPU call, run here on the CPU: packs in, train_<ds>_gpu.json out."""
+    packs = tmp_path / "packs"
+    for name, seed in (("piped", 0), ("mtd", 1)):
+        data = _tiny_mvtec(tmp_path / name, 48, seed)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from lineguard.runtime.cli import main; main()",
+                "data",
+                "pack",
+                "--data",
+                str(data),
+                "--size",
+                "128",
+                "--out",
+                str(packs / f"{name}.npz"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out"
+    env = {
+        **__import__("os").environ,
+        "DEVICE": "cpu",
+        "BUDGET": "12s",
+        "PYTHON": sys.executable,
+        "WORK": str(tmp_path / "work"),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_train.sh"), str(out), str(packs)],
+        capture_output=True,
+        text=True,
+        timeout=380,
+        env=env,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("piped", "mtd"):
+        result = json.loads((out / f"train_{name}_gpu.json").read_text())
+        assert result["budget_s"] == 12 and result["wall_time_s"] <= 12
+        assert result["device"].startswith("cpu") and result["curve"]
+        assert 0.0 <= result["mean"]["image_auroc"] <= 1.0
+    assert "end " in (out / "gpu_train.log").read_text()

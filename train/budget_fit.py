@@ -11,6 +11,7 @@ the wall time and the whole curve. Under ``torchrun`` rank 0's clock decides for
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ class _Run:
         self.steps = 0
         self.epoch = 0
         self.loss = float("nan")
+        self.load_start = round(os.getloadavg()[0], 2)
 
     def evaluate(self) -> None:
         """Proxy + calibration now; keep (and write) the weights if they are the best yet."""
@@ -67,6 +69,7 @@ class _Run:
             "epoch": self.epoch,
             "lr": tr.optimizer.param_groups[0]["lr"],
             "loss": self.loss,
+            "loadavg_1m": round(os.getloadavg()[0], 2),  # the machine's load with each figure
             **proxy,
         }
         self.curve.append(point)
@@ -90,6 +93,12 @@ class _Run:
             "best": self.best_point,
             "curve": self.curve,
             "bf16": tr.use_bf16,
+            "loadavg": {
+                "at_start": self.load_start,
+                "mean_at_evaluations": round(
+                    sum(p["loadavg_1m"] for p in self.curve) / max(len(self.curve), 1), 2
+                ),
+            },
             "device": str(tr.device),
             "seconds_per_epoch": tr.wall_time / max(len(tr.history), 1),
             "run_wall_s": time.perf_counter() - tr.t_start,

@@ -1,0 +1,145 @@
+"""Budgeted training, the validation split rule and the default recipe, on generated images.
+
+The budget test trains a tiny model for 20 s of wall clock: it must stop within the budget and
+ship the checkpoint whose validation proxy was the best of its curve (not simply the last one).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from synthetic_parts import CLASSES, THREADS, normal_image, tiny_config
+
+from lineguard.train.auto_recipe import default_recipe
+from lineguard.train.budget import BudgetClock, lr_factor, parse_budget
+from lineguard.train.checkpoint import read_checkpoint
+from lineguard.train.data import Sample, split_validation, validation_count
+from lineguard.train.train_config import DataConfig, TrainConfig
+from lineguard.train.trainer import Trainer
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30m", 1800), ("1.5h", 5400), ("90s", 90), ("1800", 1800), (600, 600), ("2 min", 120)],
+)
+def test_parse_budget(text, seconds) -> None:
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "0", "-5m", "5 days", "nan", True])
+def test_parse_budget_refuses_nonsense(bad) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(bad)
+
+
+def test_budget_in_a_recipe_accepts_durations() -> None:
+    assert TrainConfig(budget="30m").budget == 1800
+    with pytest.raises(ValueError, match="budget"):
+        TrainConfig(budget="soon")
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor_at_the_end() -> None:
+    f = [lr_factor(x / 100, 0.05, 0.02) for x in range(101)]
+    assert f[0] < 0.05 and math.isclose(f[5], 1.0)
+    assert all(a <= b + 1e-12 for a, b in zip(f[:5], f[1:6], strict=True))  # warm-up rises
+    assert all(a >= b - 1e-12 for a, b in zip(f[5:-1], f[6:], strict=True))  # then only falls
+    assert math.isclose(f[-1], 0.02) and math.isclose(lr_factor(2.0, 0.05, 0.02), 0.02)
+
+
+def test_clock_schedules_evaluations_and_reserves_time_to_finish() -> None:
+    clock = BudgetClock(100.0, evals=4, start=0.0)
+    clock.elapsed = lambda: 10.0  # type: ignore[method-assign]
+    assert not clock.eval_due()  # nothing before 25 % of the budget
+    clock.elapsed = lambda: 30.0  # type: ignore[method-assign]
+    assert clock.eval_due() and not clock.eval_due()  # once per point
+    clock.record_step(2.0)
+    clock.record_eval(5.0)
+    clock.elapsed = lambda: 90.0  # type: ignore[method-assign]
+    assert not clock.must_stop()  # 10 s left > 1.5·2 + 1.2·5
+    clock.elapsed = lambda: 92.0  # type: ignore[method-assign]
+    assert clock.must_stop()
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"), [(30, 8), (28, 8), (100, 10), (200, 20), (10, 5), (3, 1), (2, 1), (1, 0)]
+)
+def test_validation_count_rule(n, expected) -> None:
+    assert validation_count(n, 0.1, 8) == expected
+    assert validation_count(n, 0.0, 8) == 0
+
+
+def test_split_is_reproducible_and_at_least_eight_per_class() -> None:
+    samples = [
+        Sample(Path(f"/d/{c}/{i}.png"), c, "train", 0, "good", None, f"{c}/{i}.png", "d")
+        for c, n in (("a", 30), ("b", 12), ("c", 120))
+        for i in range(n)
+    ]
+    train, val = split_validation(samples, 0.1, seed=7)
+    counts = {c: sum(s.category == c for s in val) for c in "abc"}
+    assert counts == {"a": 8, "b": 6, "c": 12}
+    assert split_validation(samples, 0.1, seed=7) == (train, val)
+    assert split_validation(samples, 0.1, seed=8)[1] != val
+    assert not set(train) & set(val)
+
+
+def _folders(root: Path, per_class: int, size: int = 96) -> dict:
+    rng = np.random.default_rng(0)
+    folders = []
+    for ci, name in enumerate(CLASSES):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = normal_image(ci, rng, size)
+            cv2.imwrite(str(d / f"{i:03d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        folders.append({"path": str(d), "category": name})
+    return {"folders": folders}
+
+
+def test_default_recipe_follows_image_size_and_device(tmp_path) -> None:
+    small = DataConfig.model_validate(_folders(tmp_path / "small", 3, 96))
+    large = DataConfig.model_validate(_folders(tmp_path / "large", 3, 320))
+    r_small, why = default_recipe(small, cuda=False)
+    r_large, _ = default_recipe(large, cuda=False)
+    r_gpu, _ = default_recipe(large, cuda=True)
+    assert r_small["model"]["input_size"] == 128 and r_large["model"]["input_size"] == 160
+    assert r_small["model"]["backbone"] == "tf_efficientnet_lite0" and r_small["device"] == "cpu"
+    assert r_gpu["model"]["backbone"] == "tf_efficientnet_lite2"
+    assert r_gpu["model"]["input_size"] == 256 and r_gpu["model"]["num_encoder_layers"] == 4
+    assert all(r["budget"] == 1800 for r in (r_small, r_large, r_gpu))
+    assert "6 normal images" in why and "96 px" in why
+    TrainConfig.model_validate(r_small)  # a valid recipe as it stands
+
+
+@pytest.mark.slow
+def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -> None:
+    torch.set_num_threads(THREADS)
+    cfg = tiny_config(
+        _folders(tmp_path / "data", 24), tmp_path / "out", budget="20s", proxy_evals=4, val_min=4
+    )
+    trainer = Trainer(cfg, progress=False)
+    final = trainer.fit()
+    ckpt = read_checkpoint(final)
+    m = ckpt["metrics"]
+    assert m["budget_s"] == 20 and m["wall_time_s"] <= 20.0
+    curve = m["curve"]
+    assert len(curve) >= 3 and all(p["wall_s"] <= 20.0 for p in curve)
+    proxies = [p["val_proxy"] for p in curve]
+    assert all(0.0 <= p <= 1.0 for p in proxies)
+    assert m["val_proxy"] == max(proxies) == m["best"]["val_proxy"]
+    # the shipped weights are those evaluated at the best point: best.pt holds the same
+    best = read_checkpoint(tmp_path / "out" / "best.pt")
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(value, best["state_dict"][key]), key
+    # the split is recorded: 4 validation images per class, none of them trained on
+    assert len(ckpt["split"]["val"]) == 2 * 4
+    assert not set(ckpt["split"]["val"]) & set(ckpt["split"]["train"])
+    # re-scoring the shipped model gives the best point's proxy again
+    assert math.isclose(trainer.evaluate_proxy()["val_proxy"], m["val_proxy"], abs_tol=1e-6)
+    # the lr followed the budget down to its floor, and the model learned something
+    assert curve[-1]["lr"] < 0.2 * cfg.lr
+    assert max(proxies) > 0.6
