@@ -248,7 +248,7 @@ def write_site(folder: Path, n: int, args: argparse.Namespace, port: int, frames
             "engine: openvino\nprecision: int8\n"
             f"camera: {{kind: folder, path: {frames}, fps: {args.camera_fps}, loop: true}}\n"
             f"prompt: {{image: {golden}}}\n"
-            "thresholds: {image: -1.0e6, pixel: -1.0e6, min_area_px: 1}\n"
+            "thresholds: {image: 1.0e-6, pixel: 1.0e-6, min_area_px: 1}\n"  # lowest allowed
             f"evidence: {{mqtt: {str(args.evidence).lower()}}}\n"
         )
     site = folder / "site.yaml"

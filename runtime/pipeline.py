@@ -34,6 +34,7 @@ from lineguard.runtime.regions import (
     polygons_to_pixels,
     roi_pixels,
 )
+from lineguard.runtime.threshold_limits import check_area, check_score
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,11 @@ class Pipeline:
             t = self._thresholds
             self._thresholds = replace(
                 t,
-                image=t.image if image is None else float(image),
-                pixel=t.pixel if pixel is None else float(pixel),
-                min_area_px=t.min_area_px if min_area_px is None else _area(min_area_px),
+                image=t.image if image is None else check_score("image", image),
+                pixel=t.pixel if pixel is None else check_score("pixel", pixel),
+                min_area_px=t.min_area_px
+                if min_area_px is None
+                else check_area("min_area_px", min_area_px),
             )
             return self._thresholds
 
@@ -205,13 +208,6 @@ class Pipeline:
 
     def _defective(self, score: float, regions: list[Region], t: Thresholds) -> bool:
         return score >= t.image and (bool(regions) or not self.require_region)
-
-
-def _area(value: int) -> int:
-    value = int(value)
-    if value < 1:
-        raise ValueError("min_area_px must be >= 1")
-    return value
 
 
 class Debouncer:

@@ -34,6 +34,7 @@ from lineguard.runtime import events
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
 from lineguard.runtime.pipeline import Debouncer, Decision, Pipeline, Thresholds
+from lineguard.runtime.threshold_limits import check_area, check_score
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +239,11 @@ class Station:
                 return None
             a = self.pipeline.thresholds
             cand = Thresholds(
-                image=a.image if image is None else float(image),
-                pixel=a.pixel if pixel is None else float(pixel),
-                min_area_px=a.min_area_px if min_area_px is None else int(min_area_px),
+                image=a.image if image is None else check_score("image", image),
+                pixel=a.pixel if pixel is None else check_score("pixel", pixel),
+                min_area_px=a.min_area_px
+                if min_area_px is None
+                else check_area("min_area_px", min_area_px),
             )
             self.pipeline.set_shadow(cand)
             return cand.as_dict()

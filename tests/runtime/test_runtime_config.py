@@ -242,7 +242,7 @@ def test_validate_config_cli(site_dir):
     bad = _cli("validate-config", "site.yaml", "stations/s1.yaml", cwd=site_dir)
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
-    assert "stations/s1.yaml:15: thresholds.image: Input should be a valid number" in lines[0]
+    assert "stations/s1.yaml:15: thresholds.image: must be a valid number" in lines[0]
     assert len(lines) == 2  # once through the site, once as a station file
 
 
