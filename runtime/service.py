@@ -5,7 +5,7 @@ Frame threads (one per station, `runtime/station.py`) call back into this servic
 publisher thread, nothing else, so the frame loop never waits on the network. Without a broker,
 events still go to the outbox and are printed to stdout as JSON lines.
 
-Threshold commands arrive on paho's thread, are checked against `threshold_set.schema.json`, are
+Threshold commands (`threshold_handler.py`) arrive on paho's thread, are checked, are
 applied to the station from its next frame on, written to the audit log and echoed (retained) on
 `threshold/state`; a malformed command gets a reply on `threshold/error` and changes nothing.
 Live changes are not written back to the station file: `lineguard calibrate` does that, so a
@@ -14,7 +14,6 @@ restart returns to the file's values (and says so on `threshold/state`, `changed
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
@@ -32,12 +31,7 @@ from lineguard.runtime.config_loader import LoadedSite
 from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.outbox import Outbox, Pending
 from lineguard.runtime.publisher import OutboxPublisher
-from lineguard.runtime.threshold_commands import (
-    CommandError,
-    ThresholdCommand,
-    parse_threshold_command,
-)
-from lineguard.runtime.threshold_limits import ThresholdError, check_thresholds
+from lineguard.runtime.threshold_handler import ThresholdCommandsMixin
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +67,10 @@ class _Slot:
     threshold_reason: str | None = None
     threshold_request: str | None = None
     threshold_ts: float = 0.0
+    payload_errors: int = 0
 
 
-class Service:
+class Service(ThresholdCommandsMixin):
     """Runs a site: build with a LoadedSite, then `start()` / `stop()` or `run_forever()`."""
 
     def __init__(
@@ -199,22 +194,25 @@ class Service:
 
         The station has already attached the evidence reference (`events.attach_evidence`, with
         the topic from the service's `evidence_topic`); the JPEG goes on that topic when given.
+        An event JSON cannot carry as built (NaN, infinity) is committed anyway, with those
+        values null and listed in its `payload_errors`; the error is counted (stats
+        `payload_errors`) and reported on the station's status.
         """
         cfg = self.slots[station_id].config
-        event_id = payload["event_id"]
-        rows: list[Pending] = []
+        try:
+            data = ev.encode(payload)
+        except (TypeError, ValueError) as exc:
+            payload, problems = ev.sanitize(payload)
+            payload["payload_errors"] = problems or [f"(payload): {exc}"]
+            data = ev.encode(payload)
+            self._payload_error(station_id, payload["payload_errors"])
+        event_id = payload.get("event_id") or ev.new_event_id()
         evidence = payload.get("evidence") or {}
         if jpeg and not evidence:
             topic = self.topics.evidence(cfg.line_id, cfg.station_id, event_id)
             evidence = ev.attach_evidence(payload, jpeg, topic=topic, path=None)["evidence"]
-        errors = ev.schema_errors("defect", payload)
-        if errors:
-            self._schema_failures += 1
-            log.error("station %s: defect payload breaks its schema: %s", station_id, errors)
-            if self.strict_schemas:
-                raise ValueError("; ".join(errors))
-        defect_topic = self.topics.defect(cfg.line_id, cfg.station_id)
-        rows.append(Pending(defect_topic, ev.encode(payload), 1, False, event_id))
+            data = ev.encode(payload)
+        rows = [Pending(self.topics.defect(cfg.line_id, cfg.station_id), data, 1, False, event_id)]
         if jpeg and evidence.get("topic"):
             rows.append(Pending(evidence["topic"], jpeg, 1, False, event_id))
         self.outbox.put_many(rows)
@@ -222,8 +220,31 @@ class Service:
             self.publisher.wake()
         else:
             with self._stdout_lock:
-                self.stdout.write(json.dumps(payload, separators=(",", ":")) + "\n")
+                self.stdout.write(data.decode("utf-8") + "\n")
                 self.stdout.flush()
+        errors = ev.schema_errors("defect", payload)
+        if errors:  # checked after the commit: a schema slip never costs the event
+            self._schema_failures += 1
+            log.error("station %s: defect payload breaks its schema: %s", station_id, errors)
+            if self.strict_schemas:
+                raise ValueError("; ".join(errors))
+
+    def _payload_error(self, station_id: str, problems: list[str]) -> None:
+        slot = self.slots[station_id]
+        slot.payload_errors += 1
+        log.error(
+            "station %s: event payload not JSON as built, committed with nulls: %s",
+            station_id,
+            "; ".join(problems),
+        )
+        reason = (
+            f"{slot.payload_errors} event(s) held values JSON cannot carry, sent with null "
+            f"(last: {problems[0][:200]})"
+        )
+        try:
+            self.set_status(station_id, slot.state, reason)
+        except Exception:
+            log.exception("station %s: status for a payload error failed", station_id)
 
     def set_status(self, station_id: str, state: str, reason: str = "") -> None:
         """Station state changed (online / offline / camera-lost): publish it retained."""
@@ -284,91 +305,6 @@ class Service:
             return
         self.handle_threshold_command(station_id, payload, retained)
 
-    def handle_threshold_command(self, station_id: str, raw: bytes, retained: bool = False) -> bool:
-        """Validate and apply one threshold/set command; returns whether it was applied.
-
-        Every refusal is answered on threshold/error with the field at fault. Nothing is applied,
-        audited or echoed unless the command and the resulting state are entirely valid; the
-        audit entry is written before the change takes effect.
-        """
-        slot = self.slots[station_id]
-        if not raw:  # an empty retained publish deletes a retained command: nothing to do
-            log.info("station %s: empty threshold/set payload ignored", station_id)
-            return False
-        try:
-            cmd = parse_threshold_command(raw, retained)
-            if slot.station is None:
-                raise CommandError(f"station {station_id} is not running", cmd.request_id)
-            self._apply_command(slot, cmd)
-        except CommandError as exc:
-            self._refuse(slot, raw, str(exc), exc.request_id, exc.field)
-            return False
-        except Exception as exc:  # whatever happens, the sender gets an answer
-            log.exception("station %s: threshold/set failed", station_id)
-            self._refuse(slot, raw, f"command not applied: {type(exc).__name__}: {exc}", None, None)
-            return False
-        return True
-
-    def _refuse(
-        self, slot: _Slot, raw: bytes, error: str, request_id: str | None, field: str | None
-    ) -> None:
-        c = slot.config
-        log.warning("station %s: threshold/set refused: %s", c.station_id, error)
-        payload = ev.threshold_error_payload(
-            self.site.edge_id, c.line_id, c.station_id, error, raw, request_id, field
-        )
-        self._publish_now(self.topics.threshold_error(c.line_id, c.station_id), payload, False)
-
-    def _apply_command(self, slot: _Slot, cmd: ThresholdCommand) -> None:
-        station, c = slot.station, slot.config
-        active, shadow = station.thresholds(), station.shadow()
-        new_active, new_shadow = dict(active), None if shadow is None else dict(shadow)
-        if cmd.clear_shadow:
-            new_shadow = None
-        if cmd.values and cmd.shadow:
-            new_shadow = {**(new_shadow or active), **cmd.values}
-        elif cmd.values:
-            new_active.update(cmd.values)
-        try:  # the whole resulting state must be valid and encodable before anything changes
-            check_thresholds(new_active, "active.")
-            if new_shadow is not None:
-                check_thresholds(new_shadow, "shadow.")
-            ev.encode(
-                ev.threshold_state_payload(
-                    self.site.edge_id, c.line_id, c.station_id, new_active, new_shadow
-                )
-            )
-        except (ThresholdError, ValueError, OverflowError) as exc:
-            field = exc.field if isinstance(exc, ThresholdError) else None
-            msg = f"resulting thresholds invalid: {exc}"
-            raise CommandError(msg, cmd.request_id, field) from None
-        try:
-            self.audit.append(
-                station=c.station_id,
-                line=c.line_id,
-                edge_id=self.site.edge_id,
-                by=cmd.by,
-                reason=cmd.reason,
-                old={"active": active, "shadow": shadow},
-                new={"active": new_active, "shadow": new_shadow},
-                action="threshold/shadow" if cmd.shadow or cmd.clear_shadow else "threshold/set",
-                request_id=cmd.request_id,
-            )
-        except (OSError, ValueError) as exc:
-            raise CommandError(
-                f"audit log not written ({exc}); nothing changed", cmd.request_id
-            ) from None
-        if cmd.clear_shadow or cmd.shadow:
-            if new_shadow is None:
-                station.set_shadow(None, None, None)
-            else:
-                station.set_shadow(**new_shadow)
-        if cmd.values and not cmd.shadow:
-            station.set_thresholds(**cmd.values)
-        slot.threshold_by, slot.threshold_reason = cmd.by, cmd.reason
-        slot.threshold_request, slot.threshold_ts = cmd.request_id, time.time()
-        self._publish_now(*self._threshold_message(slot), retain=True)
-
     # -------------------------------------------------------------- stats
 
     def stats_messages(self) -> list[tuple[str, dict[str, Any]]]:
@@ -377,18 +313,28 @@ class Service:
         out = []
         for slot in self.slots.values():
             c = slot.config
-            payload = ev.stats_payload(
-                self.site.edge_id,
-                c.line_id,
-                c.station_id,
-                self.site.stats_interval_s,
-                slot.station.stats(),
-                depth,
-                connected,
-                slot.state,
-            )
+            try:
+                payload = self._stats_payload(slot, depth, connected)
+            except Exception:  # one station's bad stats never stop the others'
+                log.exception("station %s: stats not built", c.station_id)
+                continue
             out.append((self.topics.stats(c.line_id, c.station_id), payload))
         return out
+
+    def _stats_payload(self, slot: _Slot, depth: int, connected: bool) -> dict[str, Any]:
+        c = slot.config
+        payload = ev.stats_payload(
+            self.site.edge_id,
+            c.line_id,
+            c.station_id,
+            self.site.stats_interval_s,
+            {**slot.station.stats(), "payload_errors": slot.payload_errors},
+            depth,
+            connected,
+            slot.state,
+        )
+        ev.encode(payload)  # strict JSON now, so a bad figure is reported here, not dropped later
+        return payload
 
     def _stats_loop(self) -> None:
         interval = self.site.stats_interval_s
@@ -396,7 +342,7 @@ class Service:
             try:
                 for topic, payload in self.stats_messages():
                     self._publish_now(topic, payload, retain=False, qos=0)
-            except Exception:
+            except Exception:  # logged, and tried again next interval
                 log.exception("stats: failed")
 
 
