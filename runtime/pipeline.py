@@ -103,6 +103,7 @@ class Pipeline:
         self.require_region = require_region
         self._lock = threading.Lock()
         self._thresholds = thresholds
+        self.check_area(thresholds.min_area_px)
         self._shadow: Thresholds | None = None
         self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None]] = {}
         prompt_input, _ = self.prepare(prompt_rgb)
@@ -130,11 +131,23 @@ class Pipeline:
                 t,
                 image=t.image if image is None else check_score("image", image),
                 pixel=t.pixel if pixel is None else check_score("pixel", pixel),
-                min_area_px=t.min_area_px
-                if min_area_px is None
-                else check_area("min_area_px", min_area_px),
+                min_area_px=t.min_area_px if min_area_px is None else self.check_area(min_area_px),
             )
             return self._thresholds
+
+    @property
+    def max_area_px(self) -> int:
+        """Pixels of the anomaly map: a larger `min_area_px` could never alert."""
+        return self.input_hw[0] * self.input_hw[1]
+
+    def check_area(self, value: int) -> int:
+        value = check_area("min_area_px", value)
+        if value > self.max_area_px:
+            raise ValueError(
+                f"min_area_px: must be <= {self.max_area_px}, the anomaly map's pixels "
+                "(else nothing alerts)"
+            )
+        return value
 
     def set_shadow(self, thresholds: Thresholds | None) -> None:
         """Evaluate a candidate too (counted, never alerted); None stops shadow evaluation."""

@@ -34,7 +34,7 @@ from lineguard.runtime import events
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
 from lineguard.runtime.pipeline import Debouncer, Decision, Pipeline, Thresholds
-from lineguard.runtime.threshold_limits import check_area, check_score
+from lineguard.runtime.threshold_limits import check_score
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +141,13 @@ class Station:
         self.engine = engine
         card = engine.card
         self.model_sha256 = _model_sha256(cfg.model, card)
-        self.pipeline = Pipeline(
-            engine,
-            prompt,
-            thresholds=Thresholds.resolve(cfg.thresholds, card.thresholds),
-            roi=cfg.roi,
-            ignore_masks=cfg.ignore_masks,
-        )
+        thresholds = Thresholds.resolve(cfg.thresholds, card.thresholds)
+        try:
+            self.pipeline = Pipeline(
+                engine, prompt, thresholds=thresholds, roi=cfg.roi, ignore_masks=cfg.ignore_masks
+            )
+        except ValueError as exc:
+            raise LineGuardError(f"station {self.station_id}: {exc}") from exc
         self.debouncer = Debouncer(cfg.debounce.consecutive, cfg.debounce.cooldown_s)
         ev = cfg.evidence
         self.store = (
@@ -214,6 +214,10 @@ class Station:
         return self._state
 
     # ------------------------------------------------------------------ thresholds
+    @property
+    def max_area_px(self) -> int:
+        return self.pipeline.max_area_px
+
     def thresholds(self) -> dict[str, Any]:
         return self.pipeline.thresholds.as_dict()
 
@@ -243,7 +247,7 @@ class Station:
                 pixel=a.pixel if pixel is None else check_score("pixel", pixel),
                 min_area_px=a.min_area_px
                 if min_area_px is None
-                else check_area("min_area_px", min_area_px),
+                else self.pipeline.check_area(min_area_px),
             )
             self.pipeline.set_shadow(cand)
             return cand.as_dict()

@@ -85,6 +85,13 @@ class ThresholdCommandsMixin:
             check_thresholds(new_active, "active.")
             if new_shadow is not None:
                 check_thresholds(new_shadow, "shadow.")
+            limit = getattr(station, "max_area_px", None)  # the anomaly map's size
+            for name, t in (("active", new_active), ("shadow", new_shadow)):
+                if limit is not None and t is not None and t["min_area_px"] > limit:
+                    raise ThresholdError(
+                        f"{name}.min_area_px",
+                        f"must be <= {limit}, the anomaly map's pixels (else nothing alerts)",
+                    )
             ev.encode(
                 ev.threshold_state_payload(
                     self.site.edge_id, c.line_id, c.station_id, new_active, new_shadow
