@@ -186,7 +186,7 @@ class _Context:
 
         if self.audit_path is None:
             raise LineGuardError("changes are audited: give --site FILE or --audit-log FILE")
-        return AuditLog(self.audit_path)
+        return AuditLog(self.audit_path).check_writable()
 
     def need_site(self):
         if self.site is None:

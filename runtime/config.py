@@ -52,7 +52,42 @@ def _check_files(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("check_files"))
 
 
+def _check_local(info: ValidationInfo) -> bool:
+    """Checks of this machine's state (environment, writable paths): validate-config and run."""
+    return bool((info.context or {}).get("check_local"))
+
+
 ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+
+
+def writable_file_problem(path: Path) -> str | None:
+    """Why `lineguard run` could not create or write the file `path` (None = it can)."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory, not a file"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path}: cannot create it, {parent} is not writable"
+    return None
+
+
+def image_problem(path: Path) -> str | None:
+    """Why OpenCV cannot decode the image file `path` (None = it can, or OpenCV is missing)."""
+    try:
+        import cv2
+        import numpy as np
+    except ImportError:  # a build machine without OpenCV: `run` checks again
+        return None
+    data = np.frombuffer(Path(path).read_bytes(), np.uint8)
+    if data.size == 0 or cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is None:
+        return f"{path} is not an image OpenCV can decode"
+    return None
 
 
 class _Strict(BaseModel):
@@ -115,8 +150,12 @@ class PromptConfig(_Strict):
     @field_validator("image")
     @classmethod
     def _image_exists(cls, v: Path, info: ValidationInfo) -> Path:
-        if _check_files(info) and not v.is_file():
-            raise ValueError(f"prompt image not found: {v}")
+        if _check_files(info):
+            if not v.is_file():
+                raise ValueError(f"prompt image not found: {v}")
+            problem = image_problem(v)
+            if problem:
+                raise ValueError(f"prompt image {problem}")
         return v
 
     @field_validator("sha256")
@@ -298,6 +337,13 @@ class BrokerConfig(_Strict):
     def _protocol_text(cls, v: object) -> object:
         return "5" if v == 5 and not isinstance(v, bool) else v
 
+    @field_validator("password_env")
+    @classmethod
+    def _password_env_set(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and _check_local(info) and v not in os.environ:
+            raise ValueError(f"environment variable {v} is not set (run would fail)")
+        return v
+
     @field_validator("password_file")
     @classmethod
     def _password_file_exists(cls, v: Path | None, info: ValidationInfo) -> Path | None:
@@ -363,6 +409,11 @@ class SiteConfig(_Strict):
                 self.outbox.path = Path(base) / self.outbox.path
             if "audit_log" not in self.model_fields_set:
                 self.audit_log = Path(base) / self.audit_log
+        if _check_local(info):  # what `run` will create or write, checked without touching disk
+            for key, path in (("outbox.path", self.outbox.path), ("audit_log", self.audit_log)):
+                problem = writable_file_problem(path)
+                if problem:
+                    raise ValueError(f"{key}: {problem}")
         return self
 
     def client_id(self) -> str:

@@ -103,9 +103,9 @@ class Service(ThresholdCommandsMixin):
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Build stations (engine load, prompt tokens), connect, then start the frame loops."""
+        """Build stations (engine load, prompt tokens) and the broker link, then open the
+        outbox (the first thing written to disk), connect and start the frame loops."""
         o = self.site.outbox
-        self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
         for sid, slot in self.slots.items():
             c = slot.config
             slot.station = self.station_factory(
@@ -126,6 +126,8 @@ class Service(ThresholdCommandsMixin):
             )
             for topic in self._by_set_topic:
                 self.link.subscribe(topic)
+        self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
+        if self.link is not None:
             self.publisher = OutboxPublisher(self.outbox, self.link)
             self.publisher.start()
             self.link.start()
@@ -162,6 +164,7 @@ class Service(ThresholdCommandsMixin):
                 for t, p in (self._status_message(s) for s in self.slots.values())
             ]
             self.link.stop(final)
+        if self.publisher is not None:
             self.publisher.flush_acks()  # PUBACKs that arrived while stopping
             if self.outbox.depth():
                 log.info("outbox: %d message(s) kept for the next start", self.outbox.depth())

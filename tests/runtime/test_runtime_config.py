@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from lineguard.runtime.config import BrokerConfig, SiteConfig, StationConfig
@@ -55,7 +57,7 @@ def site_dir(tmp_path: Path) -> Path:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.json").write_text("{}")
     (tmp_path / "frames").mkdir()
-    png = b"\x89PNG fake golden"
+    png = cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
     (tmp_path / "golden.png").write_bytes(png)
     (tmp_path / "stations").mkdir()
     (tmp_path / "secrets").mkdir()
