@@ -80,14 +80,11 @@ def writable_file_problem(path: Path) -> str | None:
 def image_problem(path: Path) -> str | None:
     """Why OpenCV cannot decode the image file `path` (None = it can, or OpenCV is missing)."""
     try:
-        import cv2
-        import numpy as np
+        from lineguard.camera import read_image
     except ImportError:  # a build machine without OpenCV: `run` checks again
         return None
-    data = np.frombuffer(Path(path).read_bytes(), np.uint8)
-    if data.size == 0 or cv2.imdecode(data, cv2.IMREAD_UNCHANGED) is None:
-        return f"{path} is not an image OpenCV can decode"
-    return None
+    image, why = read_image(str(path))
+    return None if image is not None else f"{path}: {why}"
 
 
 class _Strict(BaseModel):

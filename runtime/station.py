@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from lineguard.camera import CameraConfigError, Frame, open_camera, to_rgb_u8
+from lineguard.camera import CameraConfigError, Frame, decode_image, open_camera, to_rgb_u8
 from lineguard.runtime import events
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
@@ -98,9 +97,9 @@ def read_prompt(path: Path, expected_sha256: str | None) -> tuple[np.ndarray, st
         raise LineGuardError(
             f"prompt image {path} has sha256 {digest}, config says {expected_sha256}"
         )
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    image, why = decode_image(data)
     if image is None:
-        raise LineGuardError(f"prompt image {path}: not an image OpenCV can decode")
+        raise LineGuardError(f"prompt image {path}: {why}")
     return to_rgb_u8(image, "BGR"), digest
 
 
