@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -62,11 +62,13 @@ class _Slot:
     station: StationLike | None = None
     state: str = "offline"
     reason: str = "starting"
-    state_ts: float = 0.0
+    # When the slot was made, not 0.0: a status published before the station reports (the
+    # broker may connect first) must not say 1970-01-01.
+    state_ts: float = field(default_factory=time.time)
     threshold_by: str | None = None
     threshold_reason: str | None = None
     threshold_request: str | None = None
-    threshold_ts: float = 0.0
+    threshold_ts: float = field(default_factory=time.time)
     payload_errors: int = 0
 
 
