@@ -148,7 +148,7 @@ def build_artifact(work: Path, tiny: bool) -> Path:
     save_checkpoint(ckpt, checkpoint_payload(model, cfg, data, calib))
     art = work / "artifact"
     export_artifact(ExportOptions(checkpoint=ckpt, out=art, force=True))
-    open_budget = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0)
+    open_budget = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0, aupro=1.0)
     quantize_artifact(QuantizeOptions(artifact=art, calib_images=16, budget=open_budget))
     return art
 
