@@ -85,7 +85,7 @@ def publish_bundle_state(broker: BrokerInfo, state: dict[str, Any], timeout: flo
     client = _client(broker, "pub")
     _connect(client, broker, timeout)
     try:
-        payload = json.dumps({"schema_version": SCHEMA_VERSION, **state})
+        payload = json.dumps({"schema_version": SCHEMA_VERSION, **state}, allow_nan=False)
         info = client.publish(bundle_topic(broker), payload, qos=1, retain=True)
         info.wait_for_publish(timeout)
         if not info.is_published():

@@ -28,7 +28,7 @@ class AuditLog:
 
     def check_writable(self) -> AuditLog:
         """Raise LineGuardError now when an append could not create or write the file."""
-        from lineguard.runtime.config import writable_file_problem
+        from lineguard.runtime.local_checks import writable_file_problem
 
         problem = writable_file_problem(self.path)
         if problem:
