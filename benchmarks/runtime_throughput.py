@@ -148,7 +148,7 @@ def build_artifact(work: Path, tiny: bool) -> Path:
     save_checkpoint(ckpt, checkpoint_payload(model, cfg, data, calib))
     art = work / "artifact"
     export_artifact(ExportOptions(checkpoint=ckpt, out=art, force=True))
-    open_budget = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0)
+    open_budget = AccuracyBudget(image_auroc=1.0, pixel_ap=1.0, aupro=1.0)
     quantize_artifact(QuantizeOptions(artifact=art, calib_images=16, budget=open_budget))
     return art
 
@@ -248,7 +248,7 @@ def write_site(folder: Path, n: int, args: argparse.Namespace, port: int, frames
             "engine: openvino\nprecision: int8\n"
             f"camera: {{kind: folder, path: {frames}, fps: {args.camera_fps}, loop: true}}\n"
             f"prompt: {{image: {golden}}}\n"
-            "thresholds: {image: -1.0e6, pixel: -1.0e6, min_area_px: 1}\n"
+            "thresholds: {image: 1.0e-6, pixel: 1.0e-6, min_area_px: 1}\n"  # lowest allowed
             f"evidence: {{mqtt: {str(args.evidence).lower()}}}\n"
         )
     site = folder / "site.yaml"

@@ -2,7 +2,7 @@
 
 from lineguard.camera.errors import CameraConfigError
 from lineguard.camera.factory import KINDS, open_camera, open_source
-from lineguard.camera.frame import Frame, to_rgb_u8
+from lineguard.camera.frame import Frame, decode_image, read_image, to_rgb_u8
 from lineguard.camera.reader import Camera
 from lineguard.camera.sources import CameraError, FolderSource, FrameSource, OpenCVSource
 
@@ -15,7 +15,9 @@ __all__ = [
     "Frame",
     "FrameSource",
     "OpenCVSource",
+    "decode_image",
     "open_camera",
     "open_source",
+    "read_image",
     "to_rgb_u8",
 ]

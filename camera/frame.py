@@ -56,3 +56,33 @@ def to_rgb_u8(image: np.ndarray, order: str = "BGR") -> np.ndarray:
     if order == "BGR":
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return np.ascontiguousarray(image)
+
+
+def decode_image(data: bytes) -> tuple[np.ndarray | None, str]:
+    """Decode an encoded image (PNG, JPEG, ...) as OpenCV's BGR(A)/gray array.
+
+    Returns (image, "") or (None, why). Never raises on bad input: OpenCV raises (instead of
+    returning None) for a header that claims more pixels than `CV_IO_MAX_IMAGE_PIXELS`, e.g. a
+    100000×100000 PNG of a few bytes; that is a bad file, not a broken camera.
+    """
+    buf = np.frombuffer(data, np.uint8)
+    if buf.size == 0:
+        return None, "empty file"
+    try:
+        image = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "OpenCV error"
+        return None, f"OpenCV refused it: {reason[:200]}"
+    if image is None:
+        return None, "not an image OpenCV can decode"
+    return image, ""
+
+
+def read_image(path: str) -> tuple[np.ndarray | None, str]:
+    """`decode_image` of a file; an unreadable file is (None, why)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    return decode_image(data)

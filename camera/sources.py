@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from lineguard.camera.errors import CameraError
-from lineguard.camera.frame import to_rgb_u8
+from lineguard.camera.frame import read_image, to_rgb_u8
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ class FolderSource(FrameSource):
     The listing is taken at open and again at each loop, so files added meanwhile are picked up.
     A file that disappears mid-pass, or a folder that is removed or emptied, is a broken source
     (the reader reconnects and the camera is reported lost): a folder stands in for a camera.
-    Files OpenCV cannot decode are skipped with one warning each.
+    Files OpenCV cannot decode (or refuses, e.g. a header claiming 100000×100000 pixels) are
+    skipped with one warning each.
     """
 
     is_file = True
@@ -185,13 +186,13 @@ class FolderSource(FrameSource):
             self._pos += 1
             if not path.is_file():
                 raise CameraError(f"{self.name}: image disappeared: {path}")
-            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            image, why = read_image(str(path))
             if image is not None:
                 return to_rgb_u8(image, "BGR")
             if not path.is_file():
                 raise CameraError(f"{self.name}: image disappeared: {path}")
             if path.name not in self._skipped:
-                log.warning("%s: skipping %s (not an image OpenCV can decode)", self.name, path)
+                log.warning("%s: skipping %s (%s)", self.name, path, why)
                 self._skipped.add(path.name)
             if all(p.name in self._skipped for p in self._files):
                 raise CameraError(f"{self.name}: no decodable images in folder {self.path}")

@@ -65,7 +65,9 @@ def _quantize(args: argparse.Namespace) -> int:
         accuracy_control=args.accuracy_control,
         max_drop=args.max_drop,
         budget=AccuracyBudget(
-            image_auroc=args.max_image_auroc_drop, pixel_ap=args.max_pixel_ap_drop
+            image_auroc=args.max_image_auroc_drop,
+            pixel_ap=args.max_pixel_ap_drop,
+            aupro=args.max_aupro_drop,
         ),
         threads=args.threads,
     )
@@ -190,13 +192,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-image-auroc-drop",
         type=float,
         default=0.005,
-        help="gate budget for image AUROC, fraction (default 0.005 = 0.5 pt)",
+        help="gate budget for image AUROC, class mean and each class, fraction "
+        "(default 0.005 = 0.5 pt)",
     )
     q.add_argument(
         "--max-pixel-ap-drop",
         type=float,
         default=0.01,
-        help="gate budget for pixel AP, fraction (default 0.01 = 1 pt)",
+        help="gate budget for pixel AP, class mean and each class, fraction (default 0.01 = 1 pt)",
+    )
+    q.add_argument(
+        "--max-aupro-drop",
+        type=float,
+        default=0.01,
+        help="gate budget for AUPRO, class mean and each class, fraction (default 0.01 = 1 pt)",
     )
     q.add_argument("--threads", type=int, default=2, help="CPU threads for the gate (default 2)")
     q.set_defaults(handler=_quantize)

@@ -225,7 +225,8 @@ def _live_options(p: argparse.ArgumentParser) -> None:
         "--wait-online",
         choices=["auto", "yes", "no"],
         default="auto",
-        help="wait for the runtime to report online on <prefix>/<edge>/available "
+        help="wait for the runtime to report online on <prefix>/<edge>/available and every "
+        "station online on <prefix>/<line>/<station>/status "
         "(auto: when --service is given and the site config names a broker)",
     )
     p.add_argument(
@@ -239,7 +240,8 @@ def _live_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-inference",
         action="store_true",
-        help="health check without loading the model (configs and sha256 only)",
+        help="health check without loading the model (configs and sha256 only); without "
+        "this, an inference engine that cannot be imported fails the install",
     )
     p.add_argument(
         "--backend",

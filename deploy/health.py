@@ -3,11 +3,13 @@
 Two gates, because they can fail for different reasons:
 
 * before `current` moves (`check_release`): the configs validate, the model artifact's files match
-  model.json, and — when the inference engine is installed — the model loads and runs once on each
-  station's prompt image with finite outputs. A failure here never touches `current`.
+  model.json, and the model loads and runs once on each station's prompt image with finite
+  outputs (an inference engine that cannot be imported fails the gate; only `--no-inference`
+  skips it). A failure here never touches `current`.
 * after `current` moved (`live_checks` in install.py): the service restarted and stays up, the
-  live runtime reports online over MQTT, or an operator-supplied `--health-cmd` passes. A failure
-  there rolls `current` back.
+  live runtime reports online over MQTT, the edge and every station of the release (each
+  station's status `online`), or an operator-supplied `--health-cmd` passes. A failure there
+  rolls `current` back.
 """
 
 from __future__ import annotations
@@ -91,9 +93,12 @@ def run_inference(
     """Load the model as each station asks and run it once on the station's prompt image."""
     try:
         from lineguard.runtime.engine import load_engine
-    except ImportError as exc:
-        log.warning("inference engine not importable (%s): health check skips inference", exc)
-        return {"skipped": f"lineguard.runtime.engine not available ({exc})"}
+    except ImportError as exc:  # fail closed: a release that cannot infer is not healthy
+        raise HealthError(
+            f"inference engine not importable ({exc}): the model cannot be checked, and the "
+            "runtime could not run it either (install lineguard[edge], or pass --no-inference "
+            "to skip this check on purpose)"
+        ) from exc
     results: dict[str, Any] = {}
     engines: dict[tuple, Any] = {}
     try:

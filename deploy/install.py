@@ -88,6 +88,15 @@ def _broker(release: Path):
         return None
 
 
+def _station_topics(release: Path, manifest: Any) -> list[tuple[str, str]]:
+    """(line, station) of every station of the release: the status topics the gate reads."""
+    out = []
+    for st in manifest.stations:
+        cfg = configs.validate_station_file(release / st.config, check_files=False)
+        out.append((cfg.line_id, cfg.station_id))
+    return out
+
+
 def _live_checks(root: DeployRoot, version: str, previous: str | None, opts: Options) -> None:
     from lineguard.deploy.mqtt_state import OnlineWatcher
 
@@ -105,7 +114,8 @@ def _live_checks(root: DeployRoot, version: str, previous: str | None, opts: Opt
         watcher = None
         if broker is not None and (opts.wait_online == "yes" or opts.service):
             try:  # subscribe before the restart so the new process's `online` cannot be missed
-                watcher = stack.enter_context(OnlineWatcher(broker))
+                stations = _station_topics(release, root.manifest(version))
+                watcher = stack.enter_context(OnlineWatcher(broker, stations=stations))
             except HealthError as exc:
                 if opts.wait_online == "yes":
                     raise

@@ -85,7 +85,7 @@ def publish_bundle_state(broker: BrokerInfo, state: dict[str, Any], timeout: flo
     client = _client(broker, "pub")
     _connect(client, broker, timeout)
     try:
-        payload = json.dumps({"schema_version": SCHEMA_VERSION, **state})
+        payload = json.dumps({"schema_version": SCHEMA_VERSION, **state}, allow_nan=False)
         info = client.publish(bundle_topic(broker), payload, qos=1, retain=True)
         info.wait_for_publish(timeout)
         if not info.is_published():
@@ -109,49 +109,93 @@ def is_online(payload: bytes) -> bool:
     return isinstance(data, str) and data.lower() == "online"
 
 
-class OnlineWatcher:
-    """Subscribe BEFORE the restart, then wait for a fresh (not retained) `online`.
+def status_topic(broker: BrokerInfo, line: str, station: str) -> str:
+    return f"{broker.prefix}/{line}/{station}/status"
 
-    A retained `online` may be the old process's; only a message the broker forwards live after
-    we subscribed proves the new process connected.
+
+class OnlineWatcher:
+    """Subscribe BEFORE the restart, then wait for a fresh (not retained) `online` from the edge
+    and from every station (`stations`: (line, station) pairs, their retained status topics).
+
+    A retained message may be the old process's; only a message the broker forwards live after
+    we subscribed proves the new process connected. The edge being `online` is not enough: a
+    runtime whose stations are `camera-lost` or `offline` fails the gate.
     """
 
-    def __init__(self, broker: BrokerInfo, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        broker: BrokerInfo,
+        connect_timeout: float = 10.0,
+        stations: list[tuple[str, str]] | tuple = (),
+    ) -> None:
         self.broker = broker
         self.connect_timeout = connect_timeout
         self._online = threading.Event()
         self._subscribed = threading.Event()
         self._client = None
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._status_topics = {status_topic(broker, ln, st): st for ln, st in stations}
+        self.station_state: dict[str, str] = {}  # station -> last fresh state seen
+
+    def _on_message(self, _c, _u, msg) -> None:
+        if msg.retain:
+            return
+        station = self._status_topics.get(msg.topic)
+        with self._changed:
+            if station is not None:
+                try:
+                    data = json.loads(msg.payload)
+                    state = str(data.get("state")) if isinstance(data, dict) else "unreadable"
+                except ValueError:
+                    state = "unreadable"
+                self.station_state[station] = state
+            elif is_online(msg.payload):
+                self._online.set()
+            self._changed.notify_all()
 
     def __enter__(self) -> OnlineWatcher:
         client = _client(self.broker, "watch")
-
-        def on_message(_c, _u, msg):
-            if not msg.retain and is_online(msg.payload):
-                self._online.set()
+        topics = [available_topic(self.broker), *self._status_topics]
 
         def on_subscribe(*_a):
             self._subscribed.set()
 
-        client.on_message = on_message
+        client.on_message = self._on_message
         client.on_subscribe = on_subscribe
         try:
             _connect(client, self.broker, self.connect_timeout)
         except ConnectionError as exc:
             raise HealthError(f"cannot watch the runtime come online: {exc}") from exc
-        client.subscribe(available_topic(self.broker), qos=1)
+        client.subscribe([(t, 1) for t in topics])
         if not self._subscribed.wait(self.connect_timeout):
             client.loop_stop()
             raise HealthError(f"broker {self.broker.host}: subscription was not acknowledged")
         self._client = client
         return self
 
+    def _all_online(self) -> bool:
+        stations = self._status_topics.values()
+        return self._online.is_set() and all(
+            self.station_state.get(s) == "online" for s in stations
+        )
+
     def wait(self, timeout: float) -> None:
-        if not self._online.wait(timeout):
+        with self._changed:
+            ok = self._changed.wait_for(self._all_online, timeout)
+        if ok:
+            return
+        if not self._online.is_set():
             raise HealthError(
                 f"the runtime did not report online on {available_topic(self.broker)} "
                 f"within {timeout:g}s"
             )
+        bad = ", ".join(
+            f"{s}: {self.station_state.get(s, 'no status')}"
+            for s in self._status_topics.values()
+            if self.station_state.get(s) != "online"
+        )
+        raise HealthError(f"stations not online within {timeout:g}s ({bad})")
 
     def __exit__(self, *exc: object) -> None:
         if self._client is not None:

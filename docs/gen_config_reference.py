@@ -39,7 +39,10 @@ unknown keys, and every error names the file, the line and the key:
 | training recipe | `TrainConfig` | `lineguard train --config` | `configs/train/*.yaml` |
 
 Check site and station files with `lineguard validate-config FILE...`; the demo's files are in
-`configs/demo/`.
+`configs/demo/`. On the edge PC it checks everything `lineguard run` checks before `run` writes
+anything: referenced files exist, prompt images decode, `broker.password_env` is set, the outbox
+and audit log can be created and written. `--no-file-checks` skips those (and says so), for
+checking files on another machine.
 
 Conventions:
 - **Relative paths** are relative to the folder of the YAML file they are written in (not to the

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.threshold_limits import ImageThreshold, PixelThreshold
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -43,9 +44,13 @@ class GraphSpec(_Strict):
 class Normalization(_Strict):
     """normalized = (raw - center) / scale, measured on NORMAL validation images only."""
 
-    center: float = Field(title="Raw value mapped to 0 (median of normal validation scores)")
+    center: float = Field(
+        allow_inf_nan=False, title="Raw value mapped to 0 (median of normal validation scores)"
+    )
     scale: float = Field(
-        gt=0, title="Raw spread mapped to 1 (p99 minus median on normal validation)"
+        gt=0,
+        allow_inf_nan=False,
+        title="Raw spread mapped to 1 (p99 minus median on normal validation)",
     )
 
 
@@ -57,8 +62,8 @@ class ScoreNormalization(_Strict):
 
 
 class Thresholds(_Strict):
-    image: float = Field(title="Default image threshold, in normalised units")
-    pixel: float = Field(title="Default pixel threshold, in normalised units")
+    image: ImageThreshold = Field(title="Default image threshold, in normalised units")
+    pixel: PixelThreshold = Field(title="Default pixel threshold, in normalised units")
 
 
 class Precision(_Strict):

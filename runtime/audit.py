@@ -24,11 +24,16 @@ class AuditLog:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise LineGuardError(f"audit log {self.path}: {exc.strerror}") from None
+        self._lock = threading.Lock()  # the folder is made by the first append, not here
+
+    def check_writable(self) -> AuditLog:
+        """Raise LineGuardError now when an append could not create or write the file."""
+        from lineguard.runtime.local_checks import writable_file_problem
+
+        problem = writable_file_problem(self.path)
+        if problem:
+            raise LineGuardError(f"audit log: {problem}")
+        return self
 
     def append(
         self,
@@ -63,6 +68,7 @@ class AuditLog:
             entry.update(extra)
         data = (json.dumps(entry, separators=(",", ":"), allow_nan=False) + "\n").encode()
         with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
                 os.write(fd, data)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.threshold_limits import ThresholdError, check_thresholds
 
 DEFAULT_FRAMES = 300
 
@@ -185,7 +186,7 @@ class _Context:
 
         if self.audit_path is None:
             raise LineGuardError("changes are audited: give --site FILE or --audit-log FILE")
-        return AuditLog(self.audit_path)
+        return AuditLog(self.audit_path).check_writable()
 
     def need_site(self):
         if self.site is None:
@@ -310,6 +311,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         _print(["preview only: nothing applied (use --apply config|mqtt or --shadow)"])
         return 0
     proposed = {k: report["proposed"][k] for k in ("image", "pixel")}
+    try:  # the runtime's own bounds: never send or write what a station would refuse
+        proposed = check_thresholds(proposed, "proposed.")
+    except ThresholdError as exc:
+        raise LineGuardError(f"calibrate: {exc}; nothing applied") from None
     why = (
         f"{ctx.reason} [calibrate: target FAR {report['target_far']:g} at "
         f"{report['confidence']:.0%}, {report['normal']['frames']} frames, report {report_path}]"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,6 +39,7 @@ from lineguard.runtime.audit import AuditLog
 from lineguard.runtime.config import SiteConfig, StationConfig
 from lineguard.runtime.config_loader import ConfigError, load_station
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.threshold_limits import ThresholdError, check_thresholds, check_value
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,11 @@ ROLLBACK_PREFIX = "rollback:"
 
 
 def _fmt(key: str, value: float | int) -> str:
-    if key == "min_area_px":
-        return str(int(value))
-    value = float(value)
-    if not math.isfinite(value):
-        raise LineGuardError(f"threshold {key} must be a finite number, got {value}")
-    return repr(value)
+    try:
+        value = check_value(key, value)
+    except ThresholdError as exc:
+        raise LineGuardError(f"threshold {exc}") from None
+    return str(value) if key == "min_area_px" else repr(value)
 
 
 # ---------------------------------------------------------------------------- station file
@@ -281,6 +280,10 @@ def send_command(
     error_t = topics.threshold_error(cfg.line_id, cfg.station_id)
     request_id = command.get("request_id") or f"calibrate:{uuid.uuid4()}"
     command = {"schema_version": 1, **command, "request_id": request_id}
+    try:
+        check_thresholds({k: command[k] for k in KEYS if k in command})
+    except ThresholdError as exc:
+        raise LineGuardError(f"threshold command would be refused: {exc}") from None
     problems = ev.schema_errors("threshold_set", command)
     if problems:
         raise LineGuardError("threshold command would be refused: " + "; ".join(problems))

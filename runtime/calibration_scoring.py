@@ -147,9 +147,7 @@ def folder_frames(path: str | Path, recursive: bool = False) -> Iterator[tuple[s
     """Images of a folder in name order, decoded as a folder camera decodes them (OpenCV, then
     `camera.to_rgb_u8`); with `recursive`, sub-folders too (e.g. MVTec `test/<defect type>/`).
     Files OpenCV cannot decode are skipped with a warning."""
-    import cv2
-
-    from lineguard.camera import to_rgb_u8
+    from lineguard.camera import read_image, to_rgb_u8
 
     root = Path(path)
     if not root.is_dir():
@@ -162,9 +160,9 @@ def folder_frames(path: str | Path, recursive: bool = False) -> Iterator[tuple[s
         files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
     found = False
     for file in files:
-        image = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+        image, why = read_image(str(file))
         if image is None:
-            log.warning("skipping %s (not an image OpenCV can decode)", file)
+            log.warning("skipping %s (%s)", file, why)
             continue
         found = True
         yield file.relative_to(root).as_posix(), to_rgb_u8(image, "BGR")

@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument(
         "--no-file-checks",
         action="store_true",
-        help="do not check that referenced files (model, prompt image, TLS files) exist",
+        help="skip the checks that need this machine: referenced files exist (model, TLS, "
+        "password file), prompt images decode, password_env is set, outbox and audit log "
+        "are writable",
     )
     v.add_argument("--show", action="store_true", help="print the resolved configuration as JSON")
     v.set_defaults(handler=_validate)
@@ -48,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     from lineguard.runtime.config_loader import load_site
     from lineguard.runtime.service import Service
 
-    loaded = load_site(args.site)
+    loaded = load_site(args.site, check_local=True)  # everything checked before any write
     return Service(loaded).run_forever()
 
 
@@ -71,7 +73,7 @@ def _validate(args: argparse.Namespace) -> int:
                 if args.show:
                     print(station.model_dump_json(indent=2))
                 continue
-            loaded = load_site(path, check_files=check_files)
+            loaded = load_site(path, check_files=check_files, check_local=check_files)
         except ConfigError as exc:
             failed += 1
             for issue in exc.issues:
@@ -91,6 +93,11 @@ def _validate(args: argparse.Namespace) -> int:
                 auth += f", password from {'file' if b.password_file else '$' + b.password_env}"
             print(f"   broker: {b.host}:{b.port}{tls}{auth}, client id {site.client_id()}")
         print(f"   outbox: {site.outbox.path}  audit log: {site.audit_log}")
+        if not check_files:
+            print(
+                "   not checked (--no-file-checks): referenced files, prompt images, "
+                "password_env, outbox/audit log writable"
+            )
         if args.show:
             shown = {
                 "site": json.loads(site.model_dump_json()),

@@ -33,6 +33,8 @@ from pydantic import (
 )
 
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.local_checks import image_problem, writable_file_problem
+from lineguard.runtime.threshold_limits import ImageThreshold, MinAreaPx, PixelThreshold
 
 # Names that become MQTT topic levels: no '/', '+', '#', spaces or empty strings.
 TOPIC_LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -49,6 +51,11 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
 
 def _check_files(info: ValidationInfo) -> bool:
     return bool((info.context or {}).get("check_files"))
+
+
+def _check_local(info: ValidationInfo) -> bool:
+    """Checks of this machine's state (environment, writable paths): validate-config and run."""
+    return bool((info.context or {}).get("check_local"))
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve)]
@@ -114,8 +121,12 @@ class PromptConfig(_Strict):
     @field_validator("image")
     @classmethod
     def _image_exists(cls, v: Path, info: ValidationInfo) -> Path:
-        if _check_files(info) and not v.is_file():
-            raise ValueError(f"prompt image not found: {v}")
+        if _check_files(info):
+            if not v.is_file():
+                raise ValueError(f"prompt image not found: {v}")
+            problem = image_problem(v)
+            if problem:
+                raise ValueError(f"prompt image {problem}")
         return v
 
     @field_validator("sha256")
@@ -132,10 +143,20 @@ class PromptConfig(_Strict):
 class ThresholdConfig(_Strict):
     """Decision thresholds in normalised units; None takes the artifact's default."""
 
-    image: float | None = Field(None, title="Image score above which a frame is defective")
-    pixel: float | None = Field(None, title="Pixel score above which a pixel belongs to a defect")
-    min_area_px: int = Field(
-        16, ge=1, title="Smallest defect region kept, in pixels of the anomaly map"
+    image: ImageThreshold | None = Field(
+        None,
+        title="Image score above which a frame is defective",
+        description="A finite number, > 0 and <= 1000 (see runtime/threshold_limits.py)",
+    )
+    pixel: PixelThreshold | None = Field(
+        None,
+        title="Pixel score above which a pixel belongs to a defect",
+        description="A finite number, > 0 and <= 1000",
+    )
+    min_area_px: MinAreaPx = Field(
+        16,
+        title="Smallest defect region kept, in pixels of the anomaly map",
+        description="An integer, 1 to 1000000",
     )
 
 
@@ -257,6 +278,13 @@ class BrokerConfig(_Strict):
     username: str | None = Field(None, title="User name")
     password_file: ConfigPath | None = Field(None, title="File holding the password")
     password_env: str | None = Field(None, title="Environment variable holding the password")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5",
+        title="MQTT protocol version",
+        description="5 lets the runtime refuse a threshold command published with retain=true "
+        "even when it arrives live; 3.1.1 only for brokers without MQTT 5 (there such a command "
+        "is refused only when replayed from the broker's store)",
+    )
     keepalive: int = Field(30, ge=5, le=3600, title="MQTT keepalive, seconds")
     client_id: str | None = Field(
         None, title="MQTT client id, unique per edge PC (None = 'lineguard-<edge_id>')"
@@ -274,6 +302,18 @@ class BrokerConfig(_Strict):
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, v: object) -> object:
+        return "5" if v == 5 and not isinstance(v, bool) else v
+
+    @field_validator("password_env")
+    @classmethod
+    def _password_env_set(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and _check_local(info) and v not in os.environ:
+            raise ValueError(f"environment variable {v} is not set (run would fail)")
+        return v
 
     @field_validator("password_file")
     @classmethod
@@ -340,6 +380,11 @@ class SiteConfig(_Strict):
                 self.outbox.path = Path(base) / self.outbox.path
             if "audit_log" not in self.model_fields_set:
                 self.audit_log = Path(base) / self.audit_log
+        if _check_local(info):  # what `run` will create or write, checked without touching disk
+            for key, path in (("outbox.path", self.outbox.path), ("audit_log", self.audit_log)):
+                problem = writable_file_problem(path)
+                if problem:
+                    raise ValueError(f"{key}: {problem}")
         return self
 
     def client_id(self) -> str:

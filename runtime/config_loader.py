@@ -128,7 +128,7 @@ def parse_yaml(path: Path) -> ParsedYaml:
 
 
 def _validate(
-    model: type[M], parsed: ParsedYaml, check_files: bool
+    model: type[M], parsed: ParsedYaml, check_files: bool, check_local: bool = False
 ) -> tuple[M | None, list[ConfigIssue]]:
     shown = display_path(parsed.path)
     issues = list(parsed.issues)
@@ -138,7 +138,11 @@ def _validate(
         return None, issues
     if not isinstance(parsed.data, dict):
         return None, [ConfigIssue(shown, 1, "", "expected a mapping of keys at the top level")]
-    context = {"base_dir": parsed.path.parent.absolute(), "check_files": check_files}
+    context = {
+        "base_dir": parsed.path.parent.absolute(),
+        "check_files": check_files,
+        "check_local": check_local,
+    }
     try:
         return model.model_validate(parsed.data, context=context), []
     except ValidationError as exc:
@@ -187,11 +191,15 @@ def _expand_stations(site_path: Path, parsed: ParsedYaml, site: SiteConfig):
     return files, issues
 
 
-def load_site(path: str | Path, check_files: bool = True) -> LoadedSite:
-    """Load a site file and every station file it names; all problems are reported together."""
+def load_site(path: str | Path, check_files: bool = True, check_local: bool = False) -> LoadedSite:
+    """Load a site file and every station file it names; all problems are reported together.
+
+    `check_local` (validate-config, run): also what only this machine can tell, i.e. that
+    `broker.password_env` is set and the outbox and audit log can be created and written.
+    """
     site_path = Path(path)
     parsed = parse_yaml(site_path)
-    site, issues = _validate(SiteConfig, parsed, check_files)
+    site, issues = _validate(SiteConfig, parsed, check_files, check_local)
     if site is None:
         raise ConfigError(issues)
     files, issues = _expand_stations(site_path, parsed, site)

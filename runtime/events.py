@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import uuid
@@ -114,6 +115,25 @@ def schema_errors(name: str, payload: Any) -> list[str]:
     return [_describe(e) for e in errors]
 
 
+def schema_problems(name: str, payload: Any) -> list[tuple[str, str]]:
+    """Like `schema_errors`, as (field, message) pairs; the field of a missing or unexpected key
+    is that key."""
+    errors = sorted(_validator(name).iter_errors(payload), key=lambda e: list(e.absolute_path))
+    out = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.absolute_path)
+        if isinstance(e.instance, dict) and e.validator in ("required", "additionalProperties"):
+            if e.validator == "required":
+                keys = [k for k in e.validator_value if k not in e.instance]
+            else:
+                known = e.schema.get("properties", {})
+                keys = [k for k in e.instance if k not in known]
+            if keys:
+                where = ".".join(filter(None, (where, str(keys[0]))))
+        out.append((where or "(payload)", _describe(e)))
+    return out
+
+
 def _describe(error: ValidationError) -> str:
     where = ".".join(str(p) for p in error.absolute_path) or "(payload)"
     options = error.validator_value if error.validator == "anyOf" else None
@@ -133,6 +153,36 @@ def check(name: str, payload: Any) -> None:
 def encode(payload: dict[str, Any]) -> bytes:
     """Compact UTF-8 JSON; NaN/Infinity are refused (they are not JSON)."""
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def sanitize(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """A copy of `value` that strict JSON can carry, and what was changed: non-finite numbers
+    become null, values JSON has no type for become their text (numpy scalars become numbers)."""
+    problems: list[str] = []
+
+    def walk(v: Any, where: str) -> Any:
+        if isinstance(v, dict):
+            return {str(k): walk(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [walk(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        if v is None or isinstance(v, bool | str):
+            return v
+        if isinstance(v, int):
+            return v
+        if hasattr(v, "item") and not isinstance(v, float):  # numpy scalar
+            try:
+                return walk(v.item(), where)
+            except (TypeError, ValueError):
+                pass
+        if isinstance(v, float):
+            if math.isfinite(v):
+                return v
+            problems.append(f"{where or '(payload)'}: {v} replaced by null")
+            return None
+        problems.append(f"{where or '(payload)'}: {type(v).__name__} replaced by its text")
+        return str(v)
+
+    return walk(value, path), problems
 
 
 # ---------------------------------------------------------------- builders
@@ -274,7 +324,13 @@ def threshold_state_payload(
 
 
 def threshold_error_payload(
-    edge_id: str, line: str, station: str, error: str, received: bytes, request_id: str | None
+    edge_id: str,
+    line: str,
+    station: str,
+    error: str,
+    received: bytes,
+    request_id: str | None,
+    field: str | None = None,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -283,8 +339,9 @@ def threshold_error_payload(
         "line": line,
         "station": station,
         "ts": iso(),
-        "error": error,
-        "request_id": request_id,
+        "error": error or "refused",
+        "field": field,
+        "request_id": request_id if request_id is None or len(request_id) <= 200 else None,
         "received": received[:1000].decode("utf-8", errors="replace")[:1000],
     }
 
@@ -324,6 +381,7 @@ def stats_payload(
         "outbox_depth": int(outbox_depth),
         "broker_connected": bool(broker_connected),
         "state": state,
+        "payload_errors": int(station_stats.get("payload_errors", 0)),
         "shadow": None
         if shadow is None
         else {

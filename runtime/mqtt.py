@@ -1,5 +1,9 @@
 """The broker connection (paho-mqtt 2.x): availability, TLS, credentials, honest connection state.
 
+MQTT 5 by default (`broker.protocol`), subscribing with "retain as published" so a threshold
+command published with retain=true is seen as retained even when it arrives live (and refused);
+MQTT 3.1.1 for brokers without MQTT 5, where the broker clears that flag for live delivery.
+
 paho runs the network loop in its own thread (`loop_start`) and reconnects by itself with a
 doubling delay (`reconnect_delay_set`), also when the broker is down at start. Messages handed to
 paho at QoS 1 stay in paho's memory until PUBACK and are re-sent after a reconnect; the durable
@@ -22,6 +26,7 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from lineguard.runtime.config import BrokerConfig
 
@@ -55,18 +60,26 @@ class MqttLink:
         self._stopping = False
         self._last_logged: tuple[str | None, float] = (None, 0.0)
         self._ssl_context: ssl.SSLContext | None = None
+        self.mqtt5 = broker.protocol == "5"
         self._client = self._build_client()
 
     # -------------------------------------------------------------- set-up
 
     def _build_client(self) -> paho.Client:
         b = self.broker
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,  # the outbox, not the broker session, carries undelivered events
-        )
+        # The outbox, not the broker session, carries undelivered events: always a clean
+        # session. MQTT 5 lets the runtime see the retain flag of a live threshold command.
+        if self.mqtt5:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5
+            )
+        else:
+            client = paho.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=self.client_id,
+                protocol=paho.MQTTv311,
+                clean_session=True,
+            )
         client.will_set(self.available_topic, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(b.reconnect_min_s, b.reconnect_max_s)
         client.max_inflight_messages_set(32)
@@ -100,7 +113,10 @@ class MqttLink:
             " (TLS)" if b.tls else "",
             self.client_id,
         )
-        self._client.connect_async(b.host, b.port, keepalive=b.keepalive)
+        if self.mqtt5:
+            self._client.connect_async(b.host, b.port, keepalive=b.keepalive, clean_start=True)
+        else:
+            self._client.connect_async(b.host, b.port, keepalive=b.keepalive)
         self._client.loop_start()
 
     def stop(self, final: list[tuple[str, bytes, bool]] | None = None, timeout: float = 3.0):
@@ -136,7 +152,13 @@ class MqttLink:
         if topic not in self.subscriptions:
             self.subscriptions.append(topic)
         if self.connected:
-            self._client.subscribe(topic, qos=1)
+            self._subscribe(self._client, topic)
+
+    def _subscribe(self, client: paho.Client, topic: str) -> None:
+        if self.mqtt5:  # keep the publisher's retain flag on live messages too
+            client.subscribe(topic, options=SubscribeOptions(qos=1, retainAsPublished=True))
+        else:
+            client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
         """Hand a message to paho; returns its MQTTMessageInfo, or None when it was refused.
@@ -162,7 +184,7 @@ class MqttLink:
         log.info("MQTT: connected to %s:%d", self.broker.host, self.broker.port)
         client.publish(self.available_topic, b"online", qos=1, retain=True)
         for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+            self._subscribe(client, topic)
         self._connected.set()
         if self.on_connected is not None:
             try:

@@ -34,6 +34,7 @@ from lineguard.runtime.regions import (
     polygons_to_pixels,
     roi_pixels,
 )
+from lineguard.runtime.threshold_limits import check_area, check_score
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Pipeline:
         self.require_region = require_region
         self._lock = threading.Lock()
         self._thresholds = thresholds
+        self.check_area(thresholds.min_area_px)
         self._shadow: Thresholds | None = None
         self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None]] = {}
         prompt_input, _ = self.prepare(prompt_rgb)
@@ -127,11 +129,25 @@ class Pipeline:
             t = self._thresholds
             self._thresholds = replace(
                 t,
-                image=t.image if image is None else float(image),
-                pixel=t.pixel if pixel is None else float(pixel),
-                min_area_px=t.min_area_px if min_area_px is None else _area(min_area_px),
+                image=t.image if image is None else check_score("image", image),
+                pixel=t.pixel if pixel is None else check_score("pixel", pixel),
+                min_area_px=t.min_area_px if min_area_px is None else self.check_area(min_area_px),
             )
             return self._thresholds
+
+    @property
+    def max_area_px(self) -> int:
+        """Pixels of the anomaly map: a larger `min_area_px` could never alert."""
+        return self.input_hw[0] * self.input_hw[1]
+
+    def check_area(self, value: int) -> int:
+        value = check_area("min_area_px", value)
+        if value > self.max_area_px:
+            raise ValueError(
+                f"min_area_px: must be <= {self.max_area_px}, the anomaly map's pixels "
+                "(else nothing alerts)"
+            )
+        return value
 
     def set_shadow(self, thresholds: Thresholds | None) -> None:
         """Evaluate a candidate too (counted, never alerted); None stops shadow evaluation."""
@@ -205,13 +221,6 @@ class Pipeline:
 
     def _defective(self, score: float, regions: list[Region], t: Thresholds) -> bool:
         return score >= t.image and (bool(regions) or not self.require_region)
-
-
-def _area(value: int) -> int:
-    value = int(value)
-    if value < 1:
-        raise ValueError("min_area_px must be >= 1")
-    return value
 
 
 class Debouncer:

@@ -5,7 +5,7 @@ Frame threads (one per station, `runtime/station.py`) call back into this servic
 publisher thread, nothing else, so the frame loop never waits on the network. Without a broker,
 events still go to the outbox and are printed to stdout as JSON lines.
 
-Threshold commands arrive on paho's thread, are checked against `threshold_set.schema.json`, are
+Threshold commands (`threshold_handler.py`) arrive on paho's thread, are checked, are
 applied to the station from its next frame on, written to the audit log and echoed (retained) on
 `threshold/state`; a malformed command gets a reply on `threshold/error` and changes nothing.
 Live changes are not written back to the station file: `lineguard calibrate` does that, so a
@@ -14,14 +14,13 @@ restart returns to the file's values (and says so on `threshold/state`, `changed
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -32,7 +31,7 @@ from lineguard.runtime.config_loader import LoadedSite
 from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.outbox import Outbox, Pending
 from lineguard.runtime.publisher import OutboxPublisher
-from lineguard.runtime.threshold_commands import CommandError, parse_threshold_command
+from lineguard.runtime.threshold_handler import ThresholdCommandsMixin
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +62,17 @@ class _Slot:
     station: StationLike | None = None
     state: str = "offline"
     reason: str = "starting"
-    state_ts: float = 0.0
+    # When the slot was made, not 0.0: a status published before the station reports (the
+    # broker may connect first) must not say 1970-01-01.
+    state_ts: float = field(default_factory=time.time)
     threshold_by: str | None = None
     threshold_reason: str | None = None
     threshold_request: str | None = None
-    threshold_ts: float = 0.0
+    threshold_ts: float = field(default_factory=time.time)
+    payload_errors: int = 0
 
 
-class Service:
+class Service(ThresholdCommandsMixin):
     """Runs a site: build with a LoadedSite, then `start()` / `stop()` or `run_forever()`."""
 
     def __init__(
@@ -103,9 +105,9 @@ class Service:
     # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        """Build stations (engine load, prompt tokens), connect, then start the frame loops."""
+        """Build stations (engine load, prompt tokens) and the broker link, then open the
+        outbox (the first thing written to disk), connect and start the frame loops."""
         o = self.site.outbox
-        self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
         for sid, slot in self.slots.items():
             c = slot.config
             slot.station = self.station_factory(
@@ -126,6 +128,8 @@ class Service:
             )
             for topic in self._by_set_topic:
                 self.link.subscribe(topic)
+        self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
+        if self.link is not None:
             self.publisher = OutboxPublisher(self.outbox, self.link)
             self.publisher.start()
             self.link.start()
@@ -162,6 +166,7 @@ class Service:
                 for t, p in (self._status_message(s) for s in self.slots.values())
             ]
             self.link.stop(final)
+        if self.publisher is not None:
             self.publisher.flush_acks()  # PUBACKs that arrived while stopping
             if self.outbox.depth():
                 log.info("outbox: %d message(s) kept for the next start", self.outbox.depth())
@@ -194,22 +199,25 @@ class Service:
 
         The station has already attached the evidence reference (`events.attach_evidence`, with
         the topic from the service's `evidence_topic`); the JPEG goes on that topic when given.
+        An event JSON cannot carry as built (NaN, infinity) is committed anyway, with those
+        values null and listed in its `payload_errors`; the error is counted (stats
+        `payload_errors`) and reported on the station's status.
         """
         cfg = self.slots[station_id].config
-        event_id = payload["event_id"]
-        rows: list[Pending] = []
+        try:
+            data = ev.encode(payload)
+        except (TypeError, ValueError) as exc:
+            payload, problems = ev.sanitize(payload)
+            payload["payload_errors"] = problems or [f"(payload): {exc}"]
+            data = ev.encode(payload)
+            self._payload_error(station_id, payload["payload_errors"])
+        event_id = payload.get("event_id") or ev.new_event_id()
         evidence = payload.get("evidence") or {}
         if jpeg and not evidence:
             topic = self.topics.evidence(cfg.line_id, cfg.station_id, event_id)
             evidence = ev.attach_evidence(payload, jpeg, topic=topic, path=None)["evidence"]
-        errors = ev.schema_errors("defect", payload)
-        if errors:
-            self._schema_failures += 1
-            log.error("station %s: defect payload breaks its schema: %s", station_id, errors)
-            if self.strict_schemas:
-                raise ValueError("; ".join(errors))
-        defect_topic = self.topics.defect(cfg.line_id, cfg.station_id)
-        rows.append(Pending(defect_topic, ev.encode(payload), 1, False, event_id))
+            data = ev.encode(payload)
+        rows = [Pending(self.topics.defect(cfg.line_id, cfg.station_id), data, 1, False, event_id)]
         if jpeg and evidence.get("topic"):
             rows.append(Pending(evidence["topic"], jpeg, 1, False, event_id))
         self.outbox.put_many(rows)
@@ -217,8 +225,31 @@ class Service:
             self.publisher.wake()
         else:
             with self._stdout_lock:
-                self.stdout.write(json.dumps(payload, separators=(",", ":")) + "\n")
+                self.stdout.write(data.decode("utf-8") + "\n")
                 self.stdout.flush()
+        errors = ev.schema_errors("defect", payload)
+        if errors:  # checked after the commit: a schema slip never costs the event
+            self._schema_failures += 1
+            log.error("station %s: defect payload breaks its schema: %s", station_id, errors)
+            if self.strict_schemas:
+                raise ValueError("; ".join(errors))
+
+    def _payload_error(self, station_id: str, problems: list[str]) -> None:
+        slot = self.slots[station_id]
+        slot.payload_errors += 1
+        log.error(
+            "station %s: event payload not JSON as built, committed with nulls: %s",
+            station_id,
+            "; ".join(problems),
+        )
+        reason = (
+            f"{slot.payload_errors} event(s) held values JSON cannot carry, sent with null "
+            f"(last: {problems[0][:200]})"
+        )
+        try:
+            self.set_status(station_id, slot.state, reason)
+        except Exception:
+            log.exception("station %s: status for a payload error failed", station_id)
 
     def set_status(self, station_id: str, state: str, reason: str = "") -> None:
         """Station state changed (online / offline / camera-lost): publish it retained."""
@@ -258,7 +289,12 @@ class Service:
     def _publish_now(self, topic: str, payload: dict[str, Any], retain: bool, qos: int = 1) -> None:
         """State messages skip the outbox: they are re-published on every reconnect anyway."""
         if self.link is not None and self.link.connected:
-            self.link.publish(topic, ev.encode(payload), qos=qos, retain=retain)
+            try:
+                data = ev.encode(payload)
+            except (TypeError, ValueError) as exc:  # never put invalid JSON on the wire
+                log.error("%s: payload not published: %s", topic, exc)
+                return
+            self.link.publish(topic, data, qos=qos, retain=retain)
 
     def _on_connected(self) -> None:
         for slot in self.slots.values():
@@ -274,47 +310,6 @@ class Service:
             return
         self.handle_threshold_command(station_id, payload, retained)
 
-    def handle_threshold_command(self, station_id: str, raw: bytes, retained: bool = False) -> bool:
-        """Validate and apply one threshold/set command; returns whether it was applied."""
-        slot = self.slots[station_id]
-        c = slot.config
-        try:
-            cmd = parse_threshold_command(raw, retained)
-            if slot.station is None:
-                raise CommandError(f"station {station_id} is not running", cmd.request_id)
-        except CommandError as exc:
-            log.warning("station %s: threshold/set refused: %s", station_id, exc)
-            error = ev.threshold_error_payload(
-                self.site.edge_id, c.line_id, c.station_id, str(exc), raw, exc.request_id
-            )
-            self._publish_now(self.topics.threshold_error(c.line_id, c.station_id), error, False)
-            return False
-        station = slot.station
-        old = {"active": station.thresholds(), "shadow": station.shadow()}
-        if cmd.clear_shadow:
-            station.set_shadow(None, None, None)
-        if cmd.values:
-            if cmd.shadow:
-                station.set_shadow(**{**(station.shadow() or station.thresholds()), **cmd.values})
-            else:
-                station.set_thresholds(**cmd.values)
-        new = {"active": station.thresholds(), "shadow": station.shadow()}
-        self.audit.append(
-            station=c.station_id,
-            line=c.line_id,
-            edge_id=self.site.edge_id,
-            by=cmd.by,
-            reason=cmd.reason,
-            old=old,
-            new=new,
-            action="threshold/shadow" if cmd.shadow or cmd.clear_shadow else "threshold/set",
-            request_id=cmd.request_id,
-        )
-        slot.threshold_by, slot.threshold_reason = cmd.by, cmd.reason
-        slot.threshold_request, slot.threshold_ts = cmd.request_id, time.time()
-        self._publish_now(*self._threshold_message(slot), retain=True)
-        return True
-
     # -------------------------------------------------------------- stats
 
     def stats_messages(self) -> list[tuple[str, dict[str, Any]]]:
@@ -323,18 +318,28 @@ class Service:
         out = []
         for slot in self.slots.values():
             c = slot.config
-            payload = ev.stats_payload(
-                self.site.edge_id,
-                c.line_id,
-                c.station_id,
-                self.site.stats_interval_s,
-                slot.station.stats(),
-                depth,
-                connected,
-                slot.state,
-            )
+            try:
+                payload = self._stats_payload(slot, depth, connected)
+            except Exception:  # one station's bad stats never stop the others'
+                log.exception("station %s: stats not built", c.station_id)
+                continue
             out.append((self.topics.stats(c.line_id, c.station_id), payload))
         return out
+
+    def _stats_payload(self, slot: _Slot, depth: int, connected: bool) -> dict[str, Any]:
+        c = slot.config
+        payload = ev.stats_payload(
+            self.site.edge_id,
+            c.line_id,
+            c.station_id,
+            self.site.stats_interval_s,
+            {**slot.station.stats(), "payload_errors": slot.payload_errors},
+            depth,
+            connected,
+            slot.state,
+        )
+        ev.encode(payload)  # strict JSON now, so a bad figure is reported here, not dropped later
+        return payload
 
     def _stats_loop(self) -> None:
         interval = self.site.stats_interval_s
@@ -342,7 +347,7 @@ class Service:
             try:
                 for topic, payload in self.stats_messages():
                     self._publish_now(topic, payload, retain=False, qos=0)
-            except Exception:
+            except Exception:  # logged, and tried again next interval
                 log.exception("stats: failed")
 
 

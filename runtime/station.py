@@ -26,14 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from lineguard.camera import CameraConfigError, Frame, open_camera, to_rgb_u8
+from lineguard.camera import CameraConfigError, Frame, decode_image, open_camera, to_rgb_u8
 from lineguard.runtime import events
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
 from lineguard.runtime.pipeline import Debouncer, Decision, Pipeline, Thresholds
+from lineguard.runtime.threshold_limits import check_score
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ def read_prompt(path: Path, expected_sha256: str | None) -> tuple[np.ndarray, st
         raise LineGuardError(
             f"prompt image {path} has sha256 {digest}, config says {expected_sha256}"
         )
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    image, why = decode_image(data)
     if image is None:
-        raise LineGuardError(f"prompt image {path}: not an image OpenCV can decode")
+        raise LineGuardError(f"prompt image {path}: {why}")
     return to_rgb_u8(image, "BGR"), digest
 
 
@@ -140,13 +140,13 @@ class Station:
         self.engine = engine
         card = engine.card
         self.model_sha256 = _model_sha256(cfg.model, card)
-        self.pipeline = Pipeline(
-            engine,
-            prompt,
-            thresholds=Thresholds.resolve(cfg.thresholds, card.thresholds),
-            roi=cfg.roi,
-            ignore_masks=cfg.ignore_masks,
-        )
+        thresholds = Thresholds.resolve(cfg.thresholds, card.thresholds)
+        try:
+            self.pipeline = Pipeline(
+                engine, prompt, thresholds=thresholds, roi=cfg.roi, ignore_masks=cfg.ignore_masks
+            )
+        except ValueError as exc:
+            raise LineGuardError(f"station {self.station_id}: {exc}") from exc
         self.debouncer = Debouncer(cfg.debounce.consecutive, cfg.debounce.cooldown_s)
         ev = cfg.evidence
         self.store = (
@@ -213,6 +213,10 @@ class Station:
         return self._state
 
     # ------------------------------------------------------------------ thresholds
+    @property
+    def max_area_px(self) -> int:
+        return self.pipeline.max_area_px
+
     def thresholds(self) -> dict[str, Any]:
         return self.pipeline.thresholds.as_dict()
 
@@ -238,9 +242,11 @@ class Station:
                 return None
             a = self.pipeline.thresholds
             cand = Thresholds(
-                image=a.image if image is None else float(image),
-                pixel=a.pixel if pixel is None else float(pixel),
-                min_area_px=a.min_area_px if min_area_px is None else int(min_area_px),
+                image=a.image if image is None else check_score("image", image),
+                pixel=a.pixel if pixel is None else check_score("pixel", pixel),
+                min_area_px=a.min_area_px
+                if min_area_px is None
+                else self.pipeline.check_area(min_area_px),
             )
             self.pipeline.set_shadow(cand)
             return cand.as_dict()

@@ -187,7 +187,7 @@ def test_ladder_keeps_the_first_scheme_that_passes(artifact, int8_artifact, tmp_
         calls.append(figures)
         if len(calls) <= 4:  # both presets x both float-ops precisions of the full scheme
             raise GateError("refused for the test")
-        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0), evaluated_on)
+        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0, aupro=1.0), evaluated_on)
 
     monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_full)
     quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
@@ -221,7 +221,7 @@ def test_float_ops_fallback_keeps_the_same_int8_model(artifact, tmp_path, monkey
         calls.append(figures)
         if len(calls) == 1:
             raise GateError("refused for the test")
-        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0), evaluated_on)
+        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0, aupro=1.0), evaluated_on)
 
     monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_bf16)
     quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))

@@ -52,6 +52,22 @@ def _publish_cmd(host: str, port: int, payload: str) -> str:
     return f'{sys.executable} -c "{code}"'
 
 
+def announce_cmd(folder, host: str, port: int, states: dict[str, str]) -> str:
+    """A health hook standing in for the restarted runtime: availability and each station's
+    status, retained, as `lineguard run` publishes them."""
+    msgs = [{"topic": AVAILABLE, "payload": "online", "qos": 1, "retain": True}]
+    for station, state in states.items():
+        payload = json.dumps({"state": state, "station": station})
+        topic = f"lgtest/line1/{station}/status"
+        msgs.append({"topic": topic, "payload": payload, "qos": 1, "retain": True})
+    script = folder / "announce.py"
+    script.write_text(
+        "import json, paho.mqtt.publish as p\n"
+        f"p.multiple(json.loads({json.dumps(json.dumps(msgs))}), hostname={host!r}, port={port})\n"
+    )
+    return f'"{sys.executable}" "{script}"'
+
+
 @pytest.fixture
 def broker_bundle(deploy_broker, workspace, make_bundle):
     host, port = deploy_broker
@@ -86,10 +102,27 @@ def test_runtime_reporting_online_passes_the_gate(broker_bundle, tmp_path):
         inference=False,
         wait_online="yes",
         health_timeout=10,
-        health_cmd=_publish_cmd(host, port, "online"),
+        health_cmd=announce_cmd(tmp_path, host, port, {"st1": "online", "st2": "online"}),
     )
     res = install(bundle("1"), root, opts)
     assert res.changed and os.readlink(root / "current") == "releases/1"
+
+
+@pytest.mark.parametrize("states", [{"st1": "online"}, {"st1": "online", "st2": "camera-lost"}, {}])
+def test_edge_online_but_a_station_not_online_rolls_back(broker_bundle, tmp_path, states):
+    """Issue 14, finding 11: the live check read only the edge's `online`."""
+    host, port, bundle = broker_bundle
+    root = tmp_path / "root"
+    install(bundle("1"), root, Options(inference=False))
+    opts = Options(
+        inference=False,
+        wait_online="yes",
+        health_timeout=1.5,
+        health_cmd=announce_cmd(tmp_path, host, port, states),
+    )
+    with pytest.raises(HealthError, match=r"stations not online.*st2.*rolled back to 1"):
+        install(bundle("2"), root, opts)
+    assert os.readlink(root / "current") == "releases/1"
 
 
 @pytest.mark.parametrize("announce", [None, "offline"])

@@ -31,7 +31,7 @@ from lineguard.runtime.calibrate_cli import register
 pytestmark = pytest.mark.slow
 
 LINEGUARD = str(Path(sys.executable).parent / "lineguard")
-LOW = "{image: -5.0, pixel: -5.0, min_area_px: 4}"  # every frame alerts
+LOW = "{image: 0.001, pixel: 0.001, min_area_px: 4}"  # every frame alerts (lowest allowed)
 HIGH = "{image: 100.0, pixel: 100.0, min_area_px: 4}"  # nothing alerts
 
 
@@ -148,7 +148,7 @@ def test_calibrate_applies_live_from_the_next_frame_audits_and_rolls_back(live):
     _frames_after(sub, "s1", 20)  # a second of frames judged with the new thresholds
     events = _defects(sub, "s1")
     before = [e for e in events if _t(e["captured_at"]) < changed_at]
-    assert before and all(e["thresholds"]["image"] == -5.0 for e in before)
+    assert before and all(e["thresholds"]["image"] == 0.001 for e in before)
     # Every frame captured after the change was judged with the calibrated threshold: none of
     # these normal frames alerts, and no event ever carries the new threshold.
     assert not [e for e in events if _t(e["captured_at"]) > changed_at + 0.005]
@@ -157,7 +157,7 @@ def test_calibrate_applies_live_from_the_next_frame_audits_and_rolls_back(live):
     entry = audit.entries("s1")[-1]
     assert (entry["action"], entry["by"]) == ("threshold/set", "qa-anna")
     assert entry["reason"].startswith("recalibrate after relamping [calibrate: target FAR 0.01")
-    assert entry["old"]["active"]["image"] == -5.0
+    assert entry["old"]["active"]["image"] == 0.001
     assert entry["new"]["active"] == {**proposed, "min_area_px": 4}
     assert entry["ts"] and entry["request_id"] == state["request_id"]
 
@@ -177,14 +177,14 @@ def test_calibrate_applies_live_from_the_next_frame_audits_and_rolls_back(live):
     )
     assert rc == 0
     state = _state(sub, "s1", "rollback:")
-    assert state["active"] == {"image": -5.0, "pixel": -5.0, "min_area_px": 4}
+    assert state["active"] == {"image": 0.001, "pixel": 0.001, "min_area_px": 4}
     rolled_at = _t(state["ts"])
     assert sub.wait_for(
         lambda c: any(_t(e["captured_at"]) > rolled_at for e in _defects(c, "s1")), 20
     )
     assert len(_defects(sub, "s1")) > n_events
     entry = audit.entries("s1")[-1]
-    assert entry["request_id"].startswith("rollback:") and entry["new"]["active"]["image"] == -5.0
+    assert entry["request_id"].startswith("rollback:") and entry["new"]["active"]["image"] == 0.001
     assert entry["reason"].startswith("line stopped: undo [rollback of calibrate:")
     # nothing left to undo: a second rollback is refused before touching the runtime
     from lineguard.runtime.errors import LineGuardError

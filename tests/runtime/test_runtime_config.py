@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from lineguard.runtime.config import BrokerConfig, SiteConfig, StationConfig
@@ -55,7 +57,7 @@ def site_dir(tmp_path: Path) -> Path:
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.json").write_text("{}")
     (tmp_path / "frames").mkdir()
-    png = b"\x89PNG fake golden"
+    png = cv2.imencode(".png", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
     (tmp_path / "golden.png").write_bytes(png)
     (tmp_path / "stations").mkdir()
     (tmp_path / "secrets").mkdir()
@@ -242,7 +244,7 @@ def test_validate_config_cli(site_dir):
     bad = _cli("validate-config", "site.yaml", "stations/s1.yaml", cwd=site_dir)
     assert bad.returncode == 1
     lines = bad.stderr.strip().splitlines()
-    assert "stations/s1.yaml:15: thresholds.image: Input should be a valid number" in lines[0]
+    assert "stations/s1.yaml:15: thresholds.image: must be a valid number" in lines[0]
     assert len(lines) == 2  # once through the site, once as a station file
 
 

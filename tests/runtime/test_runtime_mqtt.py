@@ -205,7 +205,7 @@ def test_threshold_set_applies_echoes_and_audits(tmp_path, mosquitto):
     ("payload", "retain", "error_part"),
     [
         (b"{not json", False, "not JSON"),
-        ({"image": "high", "by": "x", "reason": "y"}, False, "image: 'high' is not of type"),
+        ({"image": "high", "by": "x", "reason": "y"}, False, "image: must be a valid number"),
         ({"image": 1.0, "reason": "y"}, False, "'by' is a required property"),
         ({"by": "x", "reason": "y"}, False, "needs at least one of image, pixel"),
         ({"min_area_px": 0, "by": "x", "reason": "y"}, False, "min_area_px"),
