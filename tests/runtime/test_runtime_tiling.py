@@ -187,3 +187,51 @@ def test_station_config_tiling_section():
         StationConfig.model_validate({**base, "tiling": {"scael": 2}})
     with pytest.raises(ValueError):
         StationConfig.model_validate({**base, "tiling": {"overlap": 0.9}})
+
+
+class CountingRunner:
+    """A GraphRunner whose graph "computes" image mean + token mean; records each call's batch."""
+
+    @staticmethod
+    def make(batch_images: bool, batch_tokens: bool):
+        from lineguard.runtime.engine import GraphRunner
+
+        class R(GraphRunner):
+            input_size = (4, 4)
+
+            def __init__(self) -> None:
+                self.batch_images, self.batch_tokens, self.calls = batch_images, batch_tokens, []
+
+            def detect(self, rgb, tokens):
+                self.calls.append((1, tokens.shape[0]))
+                return np.full((4, 4), rgb.mean() + tokens.mean(), np.float32), float(rgb.mean())
+
+            def _run_batch(self, imgs, toks):
+                self.calls.append((len(imgs), len(toks)))
+                m = imgs.mean(axis=(1, 2, 3)) + toks.mean(axis=(1, 2))
+                return np.repeat(m, 16).reshape(len(imgs), 1, 4, 4), imgs.mean(axis=(1, 2, 3))
+
+        return R()
+
+
+@pytest.mark.parametrize(
+    ("images", "tokens", "per_tile", "calls"),
+    [
+        (True, True, True, [(3, 3)]),  # dynamic artifact: one call, tokens alongside
+        (True, True, False, [(3, 3)]),  # a shared prompt is repeated to the batch
+        (True, False, False, [(3, 1)]),  # only images batched: fine for a shared prompt
+        (True, False, True, [(1, 1)] * 3),  # ... but per-tile tokens need one call each
+        (False, False, True, [(1, 1)] * 3),  # static batch-1 artifact: one call per tile
+    ],
+)
+def test_detect_batch_batches_when_the_graph_allows(images, tokens, per_tile, calls):
+    runner = CountingRunner.make(images, tokens)
+    imgs = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 20, 30)])
+    toks = np.arange(3, dtype=np.float32).reshape(3, 1, 1) * np.ones((3, 2, 5), np.float32)
+    if not per_tile:
+        toks = toks[:1]
+    maps, scores = runner.detect_batch(imgs, toks)
+    assert runner.calls == calls
+    expect = np.array([10, 20, 30]) + (np.arange(3) if per_tile else 0)
+    np.testing.assert_allclose(maps[:, 0, 0], expect)
+    np.testing.assert_allclose(scores, [10, 20, 30])
