@@ -11,6 +11,10 @@ whole crop, so a bright spot inside a masked area (a label, a clamp) would other
 `require_region=False` gives the plain image-score rule.
 
 The prompt tokens are computed once, from the golden image through the same ROI/resize rule.
+With `tiling` (runtime/tiling.py) the ROI is instead resized by a fixed scale and cut into
+overlapping model-input tiles, all run in one batched call against per-position prompt tokens;
+the tile maps are stitched into one map of the ROI (one map pixel = `scale` frame pixels), and
+everything after (ignore masks, thresholds, regions, evidence, calibration) works on that map.
 Thresholds can change from another thread (MQTT `threshold/set`): `set_thresholds` swaps an
 immutable `Thresholds` object and `process` reads it once per frame, so a change applies from
 the next frame on and a frame never mixes old and new values.
@@ -35,6 +39,16 @@ from lineguard.runtime.regions import (
     roi_pixels,
 )
 from lineguard.runtime.threshold_limits import check_area, check_score
+from lineguard.runtime.tiling import (
+    Grid,
+    TilingConfig,
+    cut,
+    detect_tiles,
+    make_grid,
+    prompt_tokens,
+    stitch,
+    to_canvas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +76,8 @@ class Thresholds:
 
 @dataclass(slots=True)
 class Decision:
-    """What the pipeline concluded about one frame (`score_map` is at model-input size)."""
+    """What the pipeline concluded about one frame (`score_map`: model input, or the stitched
+    ROI canvas when tiled)."""
 
     defective: bool
     image_score: float
@@ -88,6 +103,7 @@ class Pipeline:
         roi: tuple[float, float, float, float] | None = None,
         ignore_masks: list | tuple = (),
         require_region: bool = True,
+        tiling: TilingConfig | None = None,
     ) -> None:
         self.engine = engine
         card = engine.card
@@ -103,11 +119,22 @@ class Pipeline:
         self.require_region = require_region
         self._lock = threading.Lock()
         self._thresholds = thresholds
-        self.check_area(thresholds.min_area_px)
         self._shadow: Thresholds | None = None
-        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None]] = {}
-        prompt_input, _ = self.prepare(prompt_rgb)
-        self.tokens = engine.encode_prompt(prompt_input)
+        self.tiling = tiling
+        self.tile_prompt_size: tuple[int, int] | None = None  # frame (w, h) of per-tile tokens
+        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None, Grid | None]] = {}
+        if tiling is None:
+            prompt_input, _ = self.prepare(prompt_rgb)
+            self.tokens = engine.encode_prompt(prompt_input)
+        else:
+            self._check_tile_input()
+            crop, roi = self._crop(prompt_rgb)
+            grid = self._frame_geometry(prompt_rgb.shape[1], prompt_rgb.shape[0])[2]
+            self.map_hw = grid.canvas_hw
+            self.tokens = prompt_tokens(engine, crop, grid, tiling.prompt)
+            if tiling.prompt == "per-tile":
+                self.tile_prompt_size = (int(prompt_rgb.shape[1]), int(prompt_rgb.shape[0]))
+        self.check_area(thresholds.min_area_px)
 
     # ------------------------------------------------------------------ thresholds
     @property
@@ -137,8 +164,10 @@ class Pipeline:
 
     @property
     def max_area_px(self) -> int:
-        """Pixels of the anomaly map: a larger `min_area_px` could never alert."""
-        return self.input_hw[0] * self.input_hw[1]
+        """Pixels of the anomaly map (tiled: of the golden sample's stitched map): a larger
+        `min_area_px` could never alert."""
+        h, w = self.map_hw if self.tiling is not None else self.input_hw
+        return h * w
 
     def check_area(self, value: int) -> int:
         value = check_area("min_area_px", value)
@@ -155,38 +184,95 @@ class Pipeline:
             self._shadow = thresholds
 
     # ------------------------------------------------------------------ processing
-    def _frame_geometry(self, width: int, height: int) -> tuple[Box, np.ndarray | None]:
+    def _check_tile_input(self) -> None:
+        ih, iw = self.input_hw
+        if ih != iw:
+            raise ValueError(f"tiling needs a square model input, the model takes {iw}x{ih}")
+
+    def _frame_geometry(
+        self, width: int, height: int
+    ) -> tuple[Box, np.ndarray | None, Grid | None]:
         key = (width, height)
         geo = self._geometry.get(key)
         if geo is None:
             roi = roi_pixels(self.roi, width, height)
+            grid = None
+            map_hw = self.input_hw
+            if self.tiling is not None:
+                t = self.tiling
+                grid = make_grid(roi[2], roi[3], self.input_hw[0], t.scale, t.overlap)
+                if grid.n > t.max_tiles:
+                    raise ValueError(
+                        f"tiling: a {width}x{height} frame needs {grid.n} tiles at scale "
+                        f"{t.scale:g}, more than max_tiles {t.max_tiles}; raise the scale"
+                    )
+                map_hw = grid.canvas_hw
             polys = polygons_to_pixels(self.ignore_masks, width, height)
-            geo = (roi, ignore_mask(polys, roi, self.input_hw))
+            geo = (roi, ignore_mask(polys, roi, map_hw), grid)
             self._geometry = {**self._geometry, key: geo}
         return geo
 
-    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
-        """ROI crop resized to the model input (uint8 H×W×3 in the model's colour order)."""
+    def map_shape(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the score map for a frame of this size (model input, or tiled canvas)."""
+        grid = self._frame_geometry(width, height)[2]
+        return self.input_hw if grid is None else grid.canvas_hw
+
+    def _crop(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected RGB uint8 H×W×3, got {rgb.dtype} {rgb.shape}")
-        roi, _ = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        roi = self._frame_geometry(rgb.shape[1], rgb.shape[0])[0]
         x, y, w, h = roi
         crop = rgb[y : y + h, x : x + w]
+        return (np.ascontiguousarray(crop[..., ::-1]) if self.bgr else crop), roi
+
+    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
+        """ROI crop resized to the model input (uint8 H×W×3 in the model's colour order)."""
+        crop, roi = self._crop(rgb)
         ih, iw = self.input_hw
         if crop.shape[:2] != (ih, iw):
             crop = cv2.resize(crop, (iw, ih), interpolation=cv2.INTER_AREA)
-        if self.bgr:
-            crop = crop[..., ::-1]
         return np.ascontiguousarray(crop), roi
+
+    def prepare_tiles(self, rgb: np.ndarray) -> tuple[np.ndarray, Box, Grid]:
+        """The ROI at the tiling scale cut into N×T×T×3 tiles (model colour order)."""
+        crop, roi = self._crop(rgb)
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
+        if self.tile_prompt_size is not None and size != self.tile_prompt_size:
+            ps = self.tile_prompt_size
+            raise ValueError(
+                f"frame is {size[0]}x{size[1]} but per-tile prompts were cut from a "
+                f"{ps[0]}x{ps[1]} golden sample; use a golden sample from this camera "
+                "(or tiling.prompt: shared)"
+            )
+        grid = self._frame_geometry(rgb.shape[1], rgb.shape[0])[2]
+        assert grid is not None
+        return cut(to_canvas(crop, grid), grid), roi, grid
+
+    def _infer(self, rgb: np.ndarray) -> tuple[np.ndarray, float, Box]:
+        """(raw map at map size, raw image score, ROI box) for one frame."""
+        if self.tiling is None:
+            model_input, roi = self.prepare(rgb)
+            raw_map, raw_score = self.engine.detect(model_input, self.tokens)
+            m = np.asarray(raw_map, np.float32)
+            m = m.reshape(m.shape[-2], m.shape[-1])
+            ih, iw = self.input_hw
+            if m.shape != (ih, iw):
+                m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
+            return m, float(np.asarray(raw_score).reshape(-1)[0]), roi
+        tiles, roi, grid = self.prepare_tiles(rgb)
+        tokens = self.tokens
+        if len(tokens) != grid.n:  # shared prompt on a frame size other than the golden sample's
+            tokens = np.repeat(tokens[:1], grid.n, axis=0)
+        maps, scores = detect_tiles(self.engine, tiles, tokens)
+        return stitch(maps, grid), float(scores.max()), roi
 
     def process(self, rgb: np.ndarray) -> Decision:
         """Run the model on one frame and decide (thresholds read once, at the start)."""
         thresholds, shadow = self._thresholds, self._shadow
-        model_input, roi = self.prepare(rgb)
-        raw_map, raw_score = self.engine.detect(model_input, self.tokens)
+        raw_map, raw_score, roi = self._infer(rgb)
         score_map = self._normalise_map(raw_map)
-        score = (float(np.asarray(raw_score).reshape(-1)[0]) - self._img_c) / self._img_s
-        _, ignore = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        score = (raw_score - self._img_c) / self._img_s
+        ignore = self._frame_geometry(rgb.shape[1], rgb.shape[0])[1]
         if ignore is not None:
             score_map[ignore] = 0.0
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
@@ -208,10 +294,6 @@ class Pipeline:
 
     def _normalise_map(self, raw_map: np.ndarray) -> np.ndarray:
         m = np.asarray(raw_map, np.float32)
-        m = m.reshape(m.shape[-2], m.shape[-1])
-        ih, iw = self.input_hw
-        if m.shape != (ih, iw):
-            m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
         return (m - np.float32(self._pix_c)) / np.float32(self._pix_s)
 
     def _regions(self, score_map, score, t: Thresholds, roi, size, ignore) -> list[Region]:
