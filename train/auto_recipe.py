@@ -5,10 +5,14 @@ recipe measured best on VALIDATION data (the proxy of :mod:`lineguard.train.prox
 30-minute budget on a 2-core CPU, and the spec's architecture on a GPU. The rule (also in
 docs/training.md):
 
-* CPU: EfficientNet-Lite0, transformer D 128 with 2+2 layers, batch 8, bf16 autocast where the
-  CPU has native bf16. Within a fixed budget, optimizer steps matter more than width. Input 128
-  px, or 160 px when the median short side of the images is 256 px or more (small defects on
-  large images need the pixels; the extra tokens cost ~1.4x per step).
+* CPU: EfficientNet-Lite0 at 128 px, transformer D 128 with 2+2 layers and no dropout, batch 8,
+  bf16 autocast where the CPU has native bf16, max(1, cores // 4) synthesis workers and the
+  other cores as torch threads (on 2 cores: 1 + 1; one thread beat two). Within a fixed
+  budget, optimizer steps matter more than width or pixels: on mtd (median short side 264 px)
+  160 px cost 1.4x per step and lost on the validation proxy to 128 px (but ran on a busier
+  machine), batch 16 did not beat batch 8, no dropout beat 0.1, and peak lr 4e-4 beat 1e-4 and
+  1.5e-3 (``benchmarks/results/recipe_search_mtd.json``). Large frames with small defects are a case
+  for tiling (the station's ``tiling`` setting), not for a larger square input.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
   256 px when the median short side is 256 px or more.
 * Either device: a 30-minute budget, peak lr ``PEAK_LR`` with 5 % warm-up and cosine decay,
@@ -17,6 +21,7 @@ docs/training.md):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +83,7 @@ def default_recipe(
     else:
         model = {
             "backbone": "tf_efficientnet_lite0",
-            "input_size": 160 if large else 128,
+            "input_size": 128,
             "hidden_dim": 128,
             "nhead": 4,
             "dim_feedforward": 512,
@@ -86,8 +91,18 @@ def default_recipe(
             "num_decoder_layers": 2,
             "refiner_channels": 64,
             "score_pool": 8,
+            "dropout": 0.0,
         }
-        hardware = {"device": "cpu", "batch_size": 8, "num_workers": 1}
+        cores = os.cpu_count() or 1
+        workers = max(1, cores // 4)
+        # the synthesis workers get their own cores; one torch thread beat two on 2 cores
+        # (0.129 vs 0.145 s per step, lite0 128 px bf16 batch 8, quiet machine)
+        hardware = {
+            "device": "cpu",
+            "batch_size": 8,
+            "num_workers": workers,
+            "threads": max(1, cores - workers),
+        }
     recipe: dict[str, Any] = {
         "data": data.model_dump(mode="json"),
         "model": model,

@@ -107,10 +107,11 @@ def test_default_recipe_follows_image_size_and_device(tmp_path) -> None:
     r_small, why = default_recipe(small, cuda=False)
     r_large, _ = default_recipe(large, cuda=False)
     r_gpu, _ = default_recipe(large, cuda=True)
-    assert r_small["model"]["input_size"] == 128 and r_large["model"]["input_size"] == 160
+    assert r_small["model"]["input_size"] == 128 and r_large["model"]["input_size"] == 128
     assert r_small["model"]["backbone"] == "tf_efficientnet_lite0" and r_small["device"] == "cpu"
     assert r_gpu["model"]["backbone"] == "tf_efficientnet_lite2"
     assert r_gpu["model"]["input_size"] == 256 and r_gpu["model"]["num_encoder_layers"] == 4
+    assert default_recipe(small, cuda=True)[0]["model"]["input_size"] == 224
     assert all(r["budget"] == 1800 for r in (r_small, r_large, r_gpu))
     assert "6 normal images" in why and "96 px" in why
     TrainConfig.model_validate(r_small)  # a valid recipe as it stands
