@@ -1,6 +1,6 @@
 """Build sources and cameras from a `CameraConfig` (runtime/config.py) or a look-alike object.
 
-Only attribute access is used, so this package does not depend on the config models (DESIGN.md:
+Only attribute access is used, so this package does not depend on the config models (docs/architecture.md:
 camera imports nothing of ours beyond the shared error type).
 """
 

@@ -1,4 +1,4 @@
-"""Site and station configuration models (DESIGN.md "Station config").
+"""Site and station configuration models (docs/architecture.md "Station config").
 
 One pydantic model per feature, every field titled, unknown keys rejected (`extra="forbid"`), so a
 typo in a YAML file fails loudly instead of silently using a default. Relative paths resolve

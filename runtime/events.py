@@ -56,7 +56,7 @@ def iso(ts: float | None = None) -> str:
 
 @dataclass(frozen=True)
 class Topics:
-    """Every topic of one edge PC (DESIGN.md "MQTT")."""
+    """Every topic of one edge PC (docs/architecture.md "MQTT")."""
 
     prefix: str
     edge_id: str
