@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -73,6 +74,7 @@ class Decision:
     frame_size: tuple[int, int]  # width, height
     shadow_defective: bool | None = None
     shadow_thresholds: Thresholds | None = None
+    infer_s: float = 0.0  # time in the engine (for the inference-latency histogram)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,6 +98,8 @@ class Pipeline:
         norm = card.score_normalization
         self._img_c, self._img_s = float(norm.image.center), float(norm.image.scale)
         self._pix_c, self._pix_s = float(norm.pixel.center), float(norm.pixel.scale)
+        # fixed per station: float32 constants, so the per-frame maths never re-converts them
+        self._pix_c32, self._pix_s32 = np.float32(self._pix_c), np.float32(self._pix_s)
         if getattr(card, "resize", "cv2-area") not in ("cv2-area", "area"):
             log.warning("model resizes with %r; the runtime uses cv2 INTER_AREA", card.resize)
         self.roi = None if roi is None else tuple(float(v) for v in roi)
@@ -105,7 +109,8 @@ class Pipeline:
         self._thresholds = thresholds
         self.check_area(thresholds.min_area_px)
         self._shadow: Thresholds | None = None
-        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None]] = {}
+        # per frame size: ROI box, ignore mask, its complement (computed once, never per frame)
+        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None, np.ndarray | None]] = {}
         prompt_input, _ = self.prepare(prompt_rgb)
         self.tokens = engine.encode_prompt(prompt_input)
 
@@ -155,13 +160,16 @@ class Pipeline:
             self._shadow = thresholds
 
     # ------------------------------------------------------------------ processing
-    def _frame_geometry(self, width: int, height: int) -> tuple[Box, np.ndarray | None]:
+    def _frame_geometry(
+        self, width: int, height: int
+    ) -> tuple[Box, np.ndarray | None, np.ndarray | None]:
         key = (width, height)
         geo = self._geometry.get(key)
         if geo is None:
             roi = roi_pixels(self.roi, width, height)
             polys = polygons_to_pixels(self.ignore_masks, width, height)
-            geo = (roi, ignore_mask(polys, roi, self.input_hw))
+            ignore = ignore_mask(polys, roi, self.input_hw)
+            geo = (roi, ignore, None if ignore is None else ~ignore)
             self._geometry = {**self._geometry, key: geo}
         return geo
 
@@ -169,7 +177,7 @@ class Pipeline:
         """ROI crop resized to the model input (uint8 H×W×3 in the model's colour order)."""
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected RGB uint8 H×W×3, got {rgb.dtype} {rgb.shape}")
-        roi, _ = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        roi = self._frame_geometry(rgb.shape[1], rgb.shape[0])[0]
         x, y, w, h = roi
         crop = rgb[y : y + h, x : x + w]
         ih, iw = self.input_hw
@@ -183,14 +191,16 @@ class Pipeline:
         """Run the model on one frame and decide (thresholds read once, at the start)."""
         thresholds, shadow = self._thresholds, self._shadow
         model_input, roi = self.prepare(rgb)
+        t0 = time.perf_counter()
         raw_map, raw_score = self.engine.detect(model_input, self.tokens)
+        infer_s = time.perf_counter() - t0
         score_map = self._normalise_map(raw_map)
         score = (float(np.asarray(raw_score).reshape(-1)[0]) - self._img_c) / self._img_s
-        _, ignore = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        _, ignore, keep = self._frame_geometry(rgb.shape[1], rgb.shape[0])
         if ignore is not None:
-            score_map[ignore] = 0.0
+            np.copyto(score_map, np.float32(0.0), where=ignore)
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
-        regions = self._regions(score_map, score, thresholds, roi, size, ignore)
+        regions = self._regions(score_map, score, thresholds, roi, size, keep)
         decision = Decision(
             defective=self._defective(score, regions, thresholds),
             image_score=score,
@@ -199,25 +209,29 @@ class Pipeline:
             score_map=score_map,
             roi=roi,
             frame_size=size,
+            infer_s=infer_s,
         )
         if shadow is not None:
-            shadow_regions = self._regions(score_map, score, shadow, roi, size, ignore)
+            shadow_regions = self._regions(score_map, score, shadow, roi, size, keep)
             decision.shadow_defective = self._defective(score, shadow_regions, shadow)
             decision.shadow_thresholds = shadow
         return decision
 
     def _normalise_map(self, raw_map: np.ndarray) -> np.ndarray:
+        """(raw - center) / scale into ONE new float32 array (the engine's buffer may be reused
+        by its next frame); the same arithmetic, bit for bit, as the expression form."""
         m = np.asarray(raw_map, np.float32)
         m = m.reshape(m.shape[-2], m.shape[-1])
         ih, iw = self.input_hw
         if m.shape != (ih, iw):
             m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
-        return (m - np.float32(self._pix_c)) / np.float32(self._pix_s)
+        out = np.subtract(m, self._pix_c32, dtype=np.float32)
+        return np.divide(out, self._pix_s32, out=out)
 
-    def _regions(self, score_map, score, t: Thresholds, roi, size, ignore) -> list[Region]:
+    def _regions(self, score_map, score, t: Thresholds, roi, size, keep) -> list[Region]:
         if score < t.image:
             return []  # the frame is normal whatever the map says; skip the labelling work
-        return find_regions(score_map, t.pixel, t.min_area_px, roi, size, ignore)
+        return find_regions(score_map, t.pixel, t.min_area_px, roi, size, keep=keep)
 
     def _defective(self, score: float, regions: list[Region], t: Thresholds) -> bool:
         return score >= t.image and (bool(regions) or not self.require_region)
