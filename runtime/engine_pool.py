@@ -9,7 +9,7 @@ threads fight over the cores with no scheduler in between. Shared instead:
   its own inference thread.
 Prompt tokens stay per station (`Pipeline.tokens`); the engine never mixes them.
 
-Thread rule (`plan_threads`, documented in docs/configuration.md "Inference threads"): with C
+Thread rule (`plan_threads`, documented in docs/performance.md "Inference threads"): with C
 cores for inference and N stations in the process, a model used by k of them gets
 c = max(1, round(C·k/N)) cores, s = min(k, c) streams and t = max(1, c // s) threads per stream
 (OpenVINO `INFERENCE_NUM_THREADS` = s·t; ONNX Runtime `intra_op_num_threads` = t). One station on
