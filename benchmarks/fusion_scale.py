@@ -70,7 +70,11 @@ def main() -> None:
     tc = TrainConfig.model_validate(ckpt["train_config"])
     data = load_training_data(
         DataConfig(mvtec=[MvtecSource(root=args.data, categories=classes)]),
-        size, tc.val_fraction, tc.seed, progress=False, val_min=tc.val_min,
+        size,
+        tc.val_fraction,
+        tc.seed,
+        progress=False,
+        val_min=tc.val_min,
     )
     if [f"{s.dataset}/{s.rel_path}" for s in data.val] != list(ckpt["split"]["val"]):
         raise SystemExit("the validation split rebuilt from the data differs from the checkpoint's")
@@ -79,8 +83,11 @@ def main() -> None:
     )
     n_val = len(data.val_images)
     v_rec, v_hat = score_parts(
-        model, np.concatenate([data.val_images, bad]),
-        np.concatenate([data.val_labels, bad_labels]), prompts, "cpu",
+        model,
+        np.concatenate([data.val_images, bad]),
+        np.concatenate([data.val_labels, bad_labels]),
+        prompts,
+        "cpu",
     )
 
     test = open_data(args.data, size, progress=False).select(lambda s: s.split == "test")

@@ -98,8 +98,16 @@ def main() -> None:
         "val_proxy": metrics.get("val_proxy"),
         "kept": metrics.get("best"),
         "curve": [
-            {k: p.get(k) for k in ("wall_s", "step", "val_proxy", "val_synthetic_image_auroc",
-                                   "val_synthetic_pixel_ap")}
+            {
+                k: p.get(k)
+                for k in (
+                    "wall_s",
+                    "step",
+                    "val_proxy",
+                    "val_synthetic_image_auroc",
+                    "val_synthetic_pixel_ap",
+                )
+            }
             for p in metrics.get("curve", [])
         ],
         "kept_test": {k: res["mean"][k] for k in KEYS},

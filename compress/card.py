@@ -59,7 +59,7 @@ def graph_specs(
         files={"onnx": "prompt_encoder.onnx", "openvino": "prompt_encoder.xml"},
     )
     detector = GraphSpec(
-        inputs=[image, TensorSpec(name="prompt_tokens", shape=[1, n_tokens, dim], dtype="float32")],
+        inputs=[image, TensorSpec(name="prompt_tokens", shape=[b, n_tokens, dim], dtype="float32")],
         outputs=[
             TensorSpec(name="anomaly_map", shape=[b, 1, size, size], dtype="float32"),
             TensorSpec(name="image_score", shape=[b], dtype="float32"),

@@ -91,7 +91,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (.pt)")
     p.add_argument("--out", type=Path, required=True, help="artifact folder to create")
     p.add_argument("--size", type=int, help="input size (must be the size trained at)")
-    p.add_argument("--dynamic-batch", action="store_true", help="dynamic batch axis (default: 1)")
+    p.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="dynamic batch axis on images and prompt tokens: a tiled station then runs all "
+        "tiles of a frame in one call (default: static batch 1)",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     p.add_argument("--data", type=Path, help="training data root or pack, if moved since training")
     p.add_argument("--name", help="model name in model.json")

@@ -52,7 +52,11 @@ class ExportOptions(BaseModel):
     checkpoint: Path = Field(title="training checkpoint (lineguard-onenip/1)")
     out: Path = Field(title="artifact folder to write")
     size: int | None = Field(None, title="input size; must equal the size the model was trained at")
-    dynamic_batch: bool = Field(False, title="dynamic batch axis (default: static 1, NPU-friendly)")
+    dynamic_batch: bool = Field(
+        False,
+        title="dynamic batch axis on images and prompt tokens (tiled stations run all tiles in "
+        "one call; default: static 1, NPU-friendly)",
+    )
     opset: int = Field(OPSET, ge=17, title="ONNX opset")
     data: Path | None = Field(None, title="training data root/pack instead of the recipe's")
     name: str | None = Field(None, title="model name in model.json")
@@ -79,7 +83,9 @@ def export_onnx(
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=256)
-        dynamic_shapes = {name: ({0: batch} if name == "image" else None) for name in input_names}
+        # images and prompt tokens share the batch axis: one call runs a frame's tiles, each
+        # against its own position's tokens
+        dynamic_shapes = {name: {0: batch} for name in input_names}
     sink = io.StringIO()  # the exporter narrates every step on stdout
     with contextlib.redirect_stdout(sink), torch.no_grad():
         torch.onnx.export(
@@ -117,7 +123,7 @@ def export_graphs(
     image = torch.randint(0, 256, (2 if dynamic_batch else 1, size, size, 3), dtype=torch.uint8)
     encoder = PromptEncoderGraph(model)
     with torch.no_grad():
-        tokens = encoder(image[:1])
+        tokens = encoder(image)
     steps = [
         (
             "prompt_encoder.onnx",

@@ -79,6 +79,7 @@ def _run_station(engine: Any, cfg: Any) -> dict[str, Any]:
         thresholds=Thresholds.resolve(cfg.thresholds, engine.card.thresholds),
         roi=cfg.roi,
         ignore_masks=cfg.ignore_masks,
+        tiling=cfg.tiling,
     )
     d = pipe.process(prompt)
     amap, score, defective = np.asarray(d.score_map), d.image_score, d.defective

@@ -100,7 +100,12 @@ class StationScorer:
         self.engine = engine
         self.active = Thresholds.resolve(cfg.thresholds, engine.card.thresholds)
         self.pipeline = Pipeline(
-            engine, prompt, thresholds=self.active, roi=cfg.roi, ignore_masks=cfg.ignore_masks
+            engine,
+            prompt,
+            thresholds=self.active,
+            roi=cfg.roi,
+            ignore_masks=cfg.ignore_masks,
+            tiling=cfg.tiling,
         )
         self._ignore: dict[tuple[int, int], np.ndarray | None] = {}
 
@@ -113,7 +118,7 @@ class StationScorer:
         key = decision.frame_size
         if key not in self._ignore:
             polys = polygons_to_pixels(self.pipeline.ignore_masks, *key)
-            self._ignore[key] = ignore_mask(polys, decision.roi, self.pipeline.input_hw)
+            self._ignore[key] = ignore_mask(polys, decision.roi, self.pipeline.map_shape(*key))
         return self._ignore[key]
 
     def score(self, rgb: np.ndarray, into: ScoreSet, name: str = "") -> None:

@@ -35,6 +35,7 @@ from pydantic import (
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.local_checks import image_problem, writable_file_problem
 from lineguard.runtime.threshold_limits import ImageThreshold, MinAreaPx, PixelThreshold
+from lineguard.runtime.tiling import TilingConfig
 
 # Names that become MQTT topic levels: no '/', '+', '#', spaces or empty strings.
 TOPIC_LEVEL = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -235,6 +236,9 @@ class StationConfig(_Strict):
     debounce: DebounceConfig = Field(default_factory=DebounceConfig, title="Debounce")
     evidence: EvidenceConfig = Field(default_factory=EvidenceConfig, title="Evidence JPEG")
     queue: QueueConfig = Field(default_factory=QueueConfig, title="Frame queue")
+    tiling: TilingConfig | None = Field(
+        None, title="Tiled inference at a fixed scale (None = the ROI resized to the model input)"
+    )
 
     @field_validator("model")
     @classmethod

@@ -13,6 +13,10 @@ Precision is an explicit, measured choice, never an accident of the CPU:
   exactly as the compress stage's INT8 gate measured them; bf16 falls back to f32 on CPUs without
   native bf16. The prompt encoder stays FP32 (runs once).
 ONNX Runtime runs the ONNX graphs in fp32 only.
+
+`detect_batch` runs many images (the tiles of a frame) in ONE call when the detector was exported
+with a dynamic batch (`lineguard export --dynamic-batch`), each with its own prompt tokens; a
+static batch-1 artifact falls back to one call per image, same results.
 """
 
 from __future__ import annotations
@@ -55,6 +59,20 @@ def check_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(rgb)[None]
 
 
+def check_batch(images: np.ndarray, tokens: np.ndarray, size: tuple[int, int]) -> tuple:
+    """Validate a batch: images u8 N×H×W×3 at the input size, tokens N×n×D or 1×n×D."""
+    imgs = np.asarray(images)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1:] != (size[0], size[1], 3):
+        raise LineGuardError(
+            f"batch must be uint8 N×{size[0]}×{size[1]}×3, got {imgs.dtype} {imgs.shape}"
+        )
+    toks = np.asarray(tokens, dtype=np.float32)
+    toks = toks[None] if toks.ndim == 2 else toks
+    if toks.ndim != 3 or len(toks) not in (1, len(imgs)):
+        raise LineGuardError(f"tokens must be 1×N×D or {len(imgs)}×N×D, got {toks.shape}")
+    return np.ascontiguousarray(imgs), np.ascontiguousarray(toks)
+
+
 class GraphRunner:
     """One backend's compiled prompt encoder + detector (paths, no model card needed).
 
@@ -65,6 +83,8 @@ class GraphRunner:
     backend: str = ""
     precision: str = "fp32"
     input_size: tuple[int, int] = (0, 0)
+    batch_images: bool = False  # the detector takes N images per call
+    batch_tokens: bool = False  # ... and N prompt tokens alongside (per-tile prompts)
 
     def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
         """Golden sample RGB u8 H×W×3 -> prompt tokens float32 1×N×D."""
@@ -76,6 +96,25 @@ class GraphRunner:
 
     def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
         """Start `detect` without blocking the caller; the Future holds `(map, score)`."""
+        raise NotImplementedError
+
+    def detect_batch(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Images u8 N×H×W×3 + tokens (N or 1)×n×D -> (raw maps N×H×W f32, raw scores N f32):
+        one call where the graph's batch is dynamic, else one call per image."""
+        imgs, toks = check_batch(images, tokens, self.input_size)
+        n = len(imgs)
+        shared = len(toks) == 1 or bool((toks == toks[:1]).all())
+        if self.batch_images and (self.batch_tokens or shared):
+            if self.batch_tokens and len(toks) != n:
+                toks = np.ascontiguousarray(np.repeat(toks[:1], n, axis=0))
+            elif not self.batch_tokens:
+                toks = toks[:1]
+            amap, score = self._run_batch(imgs, toks)
+            return amap.reshape(n, *amap.shape[-2:]), score.reshape(n)
+        outs = [self.detect(imgs[i], toks[i : i + 1] if len(toks) > 1 else toks) for i in range(n)]
+        return np.stack([m for m, _ in outs]), np.array([s for _, s in outs], np.float32)
+
+    def _run_batch(self, imgs: np.ndarray, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -133,6 +172,8 @@ class OpenVINORunner(GraphRunner):
         self.compiled_detector = self._detector  # stations of a shared engine make own requests
         shape = self._detector.input(IMAGE).get_partial_shape()
         self.input_size = (int(shape[1].get_length()), int(shape[2].get_length()))
+        self.batch_images = shape[0].is_dynamic
+        self.batch_tokens = self._detector.input(TOKENS).get_partial_shape()[0].is_dynamic
         self._map_port = self._detector.output(ANOMALY_MAP)
         self._score_port = self._detector.output(IMAGE_SCORE)
         self._enc_request = self._encoder.create_infer_request()
@@ -153,6 +194,12 @@ class OpenVINORunner(GraphRunner):
         with self._lock:
             out = self._request.infer(inputs, share_inputs=True)
             return _unpack(out[self._map_port], out[self._score_port])
+
+    def _run_batch(self, imgs: np.ndarray, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            out = self._request.infer({IMAGE: imgs, TOKENS: toks}, share_inputs=True)
+            m, s = out[self._map_port], out[self._score_port]
+            return np.array(m, np.float32), np.array(s, np.float32)
 
     def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
         inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
@@ -204,8 +251,10 @@ class OnnxRuntimeRunner(GraphRunner):
         providers = ["CPUExecutionProvider"]
         self._encoder = ort.InferenceSession(_existing(encoder_onnx), opts, providers=providers)
         self._detector = ort.InferenceSession(_existing(detector_onnx), opts, providers=providers)
-        shape = self._detector.get_inputs()[0].shape
-        self.input_size = (int(shape[1]), int(shape[2]))
+        ins = {i.name: i.shape for i in self._detector.get_inputs()}
+        self.input_size = (int(ins[IMAGE][1]), int(ins[IMAGE][2]))
+        self.batch_images = not isinstance(ins[IMAGE][0], int)
+        self.batch_tokens = not isinstance(ins[TOKENS][0], int)
         self._pool = ThreadPoolExecutor(max_workers=max(1, int(async_jobs)))
 
     def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
@@ -216,6 +265,10 @@ class OnnxRuntimeRunner(GraphRunner):
         inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
         amap, score = self._detector.run([ANOMALY_MAP, IMAGE_SCORE], inputs)
         return _unpack(amap, score)
+
+    def _run_batch(self, imgs: np.ndarray, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = self._detector.run([ANOMALY_MAP, IMAGE_SCORE], {IMAGE: imgs, TOKENS: toks})
+        return np.asarray(amap, np.float32), np.asarray(score, np.float32)
 
     def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
         check_image(rgb, self.input_size)
@@ -268,6 +321,10 @@ class Engine:
     def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
         """Non-blocking `detect`; blocks only while all `async_jobs` requests are busy."""
         return self.runner.detect_async(rgb, tokens)
+
+    def detect_batch(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Many images (a frame's tiles) with their tokens: batched when the artifact allows."""
+        return self.runner.detect_batch(images, tokens)
 
     def normalize(self, amap: np.ndarray, score: float) -> DetectResult:
         """Raw outputs -> normalised units ((raw - center) / scale; 1.0 ≈ p99 of normal val)."""

@@ -8,6 +8,9 @@ threads fight over the cores with no scheduler in between. Shared instead:
 * ONNX Runtime: ONE `InferenceSession` (its `run` is thread-safe); each station calls it from
   its own inference thread.
 Prompt tokens stay per station (`Pipeline.tokens`); the engine never mixes them.
+A tiled station's frame (runtime/tiling.py) goes to its request as ONE batch of all tiles with
+their per-position tokens (`StationEngine.detect_batch`) where the artifact was exported with
+`--dynamic-batch`; a static batch-1 artifact runs its tiles one call each, same results.
 
 Thread rule (`plan_threads`, documented in docs/performance.md "Inference threads"): with C
 cores for inference and N stations in the process, a model used by k of them gets
@@ -38,6 +41,7 @@ from lineguard.runtime.engine import (
     DetectResult,
     Engine,
     _tokens,
+    check_batch,
     check_image,
     load_engine,
 )
@@ -102,8 +106,10 @@ class StationEngine:
         self.artifact_dir = shared.artifact_dir
         self.backend, self.precision = shared.backend, shared.precision
         self.input_size = shared.input_size
-        self._bound: np.ndarray | None = None
+        self._bound: np.ndarray | None = None  # the tokens bound to the request, as given
+        self._bound_n = 0  # 0: bound for `detect`; n: for a batch of n (`detect_batch`)
         self._bound_array: np.ndarray | None = None
+        self._batched = False  # whether the bound batch tokens suit one call for all images
         compiled = getattr(shared.runner, "compiled_detector", None)
         self._request = None if compiled is None else compiled.create_infer_request()
         if self._request is not None:
@@ -122,18 +128,62 @@ class StationEngine:
     def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
         if self._request is None:  # ONNX Runtime: the shared session is thread-safe
             return self.shared.detect(rgb, tokens)
-        import openvino as ov
-
-        if tokens is not self._bound:  # once per station (and after a prompt change)
-            t = _tokens(tokens)
-            self._request.set_tensor(TOKENS, ov.Tensor(t, shared_memory=True))
-            self._bound, self._bound_array = tokens, t  # keep the shared buffer alive
-        image = check_image(rgb, self.input_size)
-        self._request.set_tensor(IMAGE, ov.Tensor(image, shared_memory=True))
+        if tokens is not self._bound or self._bound_n:  # once per station (and prompt change)
+            self._bind(tokens, _tokens(tokens), 0)
+        self._set_image(check_image(rgb, self.input_size))
         self._request.infer()
         amap = self._request.get_tensor(self._map_port).data
         score = self._request.get_tensor(self._score_port).data
         return amap.reshape(amap.shape[-2:]), float(score.reshape(-1)[0])
+
+    def detect_batch(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A frame's tiles (u8 N×H×W×3) with their tokens (N or 1)×n×D -> (raw maps N×H×W,
+        raw scores N), copies. On this station's own request: ONE call for all N where the
+        detector's batch is dynamic (tokens bound once per tokens array and N), else one call
+        per image. ONNX Runtime: the shared runner's `detect_batch` (same rule)."""
+        if self._request is None:
+            return self.shared.detect_batch(images, tokens)
+        runner = self.shared.runner
+        n = len(images)
+        if runner.batch_images and (tokens is not self._bound or self._bound_n != n):
+            imgs, toks = check_batch(images, tokens, self.input_size)
+            same = len(toks) == 1 or bool((toks == toks[:1]).all())
+            self._batched = bool(runner.batch_tokens or same)
+            if self._batched:  # the runner's rule (GraphRunner.detect_batch)
+                if runner.batch_tokens and len(toks) != n:
+                    toks = np.ascontiguousarray(np.repeat(toks[:1], n, axis=0))
+                elif not runner.batch_tokens:
+                    toks = toks[:1]
+                self._bind(tokens, toks, n)
+        if runner.batch_images and self._batched:
+            imgs, _ = check_batch(images, self._bound_array, self.input_size)
+            self._set_image(imgs)
+            self._request.infer()
+            amap = self._request.get_tensor(self._map_port).data
+            score = self._request.get_tensor(self._score_port).data
+            return (
+                np.array(amap, np.float32).reshape(n, *amap.shape[-2:]),
+                np.array(score, np.float32).reshape(n),
+            )
+        imgs, toks = check_batch(images, tokens, self.input_size)
+        maps, scores = [], []
+        for i in range(n):  # static batch: one call per image, each output copied out
+            amap, score = self.detect(imgs[i], toks[i : i + 1] if len(toks) > 1 else toks)
+            maps.append(np.array(amap, np.float32))
+            scores.append(score)
+        return np.stack(maps), np.array(scores, np.float32)
+
+    def _bind(self, tokens: np.ndarray, prepared: np.ndarray, n: int) -> None:
+        import openvino as ov
+
+        self._request.set_tensor(TOKENS, ov.Tensor(prepared, shared_memory=True))
+        self._bound, self._bound_n = tokens, n
+        self._bound_array = prepared  # keeps the shared buffer alive
+
+    def _set_image(self, image: np.ndarray) -> None:
+        import openvino as ov
+
+        self._request.set_tensor(IMAGE, ov.Tensor(image, shared_memory=True))
 
     def close(self) -> None:
         """Nothing to free: the shared engine belongs to the pool, the request to this handle."""

@@ -11,6 +11,10 @@ whole crop, so a bright spot inside a masked area (a label, a clamp) would other
 `require_region=False` gives the plain image-score rule.
 
 The prompt tokens are computed once, from the golden image through the same ROI/resize rule.
+With `tiling` (runtime/tiling.py) the ROI is instead resized by a fixed scale and cut into
+overlapping model-input tiles, all run in one batched call against per-position prompt tokens;
+the tile maps are stitched into one map of the ROI (one map pixel = `scale` frame pixels), and
+everything after (ignore masks, thresholds, regions, evidence, calibration) works on that map.
 Thresholds can change from another thread (MQTT `threshold/set`): `set_thresholds` swaps an
 immutable `Thresholds` object and `process` reads it once per frame, so a change applies from
 the next frame on and a frame never mixes old and new values.
@@ -36,8 +40,21 @@ from lineguard.runtime.regions import (
     roi_pixels,
 )
 from lineguard.runtime.threshold_limits import check_area, check_score
+from lineguard.runtime.tiling import (
+    Grid,
+    TilingConfig,
+    cut,
+    detect_tiles,
+    make_grid,
+    prompt_tokens,
+    stitch,
+    to_canvas,
+)
 
 log = logging.getLogger(__name__)
+
+# per frame size: ROI box, ignore mask, its complement, tile grid (None unless tiled)
+Geometry = tuple[Box, np.ndarray | None, np.ndarray | None, Grid | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +80,8 @@ class Thresholds:
 
 @dataclass(slots=True)
 class Decision:
-    """What the pipeline concluded about one frame (`score_map` is at model-input size)."""
+    """What the pipeline concluded about one frame (`score_map`: model input, or the stitched
+    ROI canvas when tiled)."""
 
     defective: bool
     image_score: float
@@ -90,6 +108,7 @@ class Pipeline:
         roi: tuple[float, float, float, float] | None = None,
         ignore_masks: list | tuple = (),
         require_region: bool = True,
+        tiling: TilingConfig | None = None,
     ) -> None:
         self.engine = engine
         card = engine.card
@@ -107,12 +126,25 @@ class Pipeline:
         self.require_region = require_region
         self._lock = threading.Lock()
         self._thresholds = thresholds
-        self.check_area(thresholds.min_area_px)
         self._shadow: Thresholds | None = None
-        # per frame size: ROI box, ignore mask, its complement (computed once, never per frame)
-        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None, np.ndarray | None]] = {}
-        prompt_input, _ = self.prepare(prompt_rgb)
-        self.tokens = engine.encode_prompt(prompt_input)
+        self.tiling = tiling
+        self.tile_prompt_size: tuple[int, int] | None = None  # frame (w, h) of per-tile tokens
+        # per frame size, computed once (never per frame): ROI box, ignore mask, its complement,
+        # tile grid (tiled only)
+        self._geometry: dict[tuple[int, int], Geometry] = {}
+        self._tile_tokens: dict[int, np.ndarray] = {}  # tiles per frame -> tokens for them
+        if tiling is None:
+            prompt_input, _ = self.prepare(prompt_rgb)
+            self.tokens = engine.encode_prompt(prompt_input)
+        else:
+            self._check_tile_input()
+            crop, roi = self._crop(prompt_rgb)
+            grid = self._frame_geometry(prompt_rgb.shape[1], prompt_rgb.shape[0])[3]
+            self.map_hw = grid.canvas_hw
+            self.tokens = prompt_tokens(engine, crop, grid, tiling.prompt)
+            if tiling.prompt == "per-tile":
+                self.tile_prompt_size = (int(prompt_rgb.shape[1]), int(prompt_rgb.shape[0]))
+        self.check_area(thresholds.min_area_px)
 
     # ------------------------------------------------------------------ thresholds
     @property
@@ -142,8 +174,10 @@ class Pipeline:
 
     @property
     def max_area_px(self) -> int:
-        """Pixels of the anomaly map: a larger `min_area_px` could never alert."""
-        return self.input_hw[0] * self.input_hw[1]
+        """Pixels of the anomaly map (tiled: of the golden sample's stitched map): a larger
+        `min_area_px` could never alert."""
+        h, w = self.map_hw if self.tiling is not None else self.input_hw
+        return h * w
 
     def check_area(self, value: int) -> int:
         value = check_area("min_area_px", value)
@@ -160,43 +194,110 @@ class Pipeline:
             self._shadow = thresholds
 
     # ------------------------------------------------------------------ processing
-    def _frame_geometry(
-        self, width: int, height: int
-    ) -> tuple[Box, np.ndarray | None, np.ndarray | None]:
+    def _check_tile_input(self) -> None:
+        ih, iw = self.input_hw
+        if ih != iw:
+            raise ValueError(f"tiling needs a square model input, the model takes {iw}x{ih}")
+
+    def _frame_geometry(self, width: int, height: int) -> Geometry:
         key = (width, height)
         geo = self._geometry.get(key)
         if geo is None:
             roi = roi_pixels(self.roi, width, height)
+            grid = None
+            map_hw = self.input_hw
+            if self.tiling is not None:
+                t = self.tiling
+                grid = make_grid(roi[2], roi[3], self.input_hw[0], t.scale, t.overlap)
+                if grid.n > t.max_tiles:
+                    raise ValueError(
+                        f"tiling: a {width}x{height} frame needs {grid.n} tiles at scale "
+                        f"{t.scale:g}, more than max_tiles {t.max_tiles}; raise the scale"
+                    )
+                map_hw = grid.canvas_hw
             polys = polygons_to_pixels(self.ignore_masks, width, height)
-            ignore = ignore_mask(polys, roi, self.input_hw)
-            geo = (roi, ignore, None if ignore is None else ~ignore)
+            ignore = ignore_mask(polys, roi, map_hw)
+            geo = (roi, ignore, None if ignore is None else ~ignore, grid)
             self._geometry = {**self._geometry, key: geo}
         return geo
 
-    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
-        """ROI crop resized to the model input (uint8 H×W×3 in the model's colour order)."""
+    def map_shape(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) of the score map for a frame of this size (model input, or tiled canvas)."""
+        grid = self._frame_geometry(width, height)[3]
+        return self.input_hw if grid is None else grid.canvas_hw
+
+    def _crop(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"expected RGB uint8 H×W×3, got {rgb.dtype} {rgb.shape}")
         roi = self._frame_geometry(rgb.shape[1], rgb.shape[0])[0]
         x, y, w, h = roi
         crop = rgb[y : y + h, x : x + w]
+        return (np.ascontiguousarray(crop[..., ::-1]) if self.bgr else crop), roi
+
+    def prepare(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
+        """ROI crop resized to the model input (uint8 H×W×3 in the model's colour order)."""
+        crop, roi = self._crop(rgb)
         ih, iw = self.input_hw
         if crop.shape[:2] != (ih, iw):
             crop = cv2.resize(crop, (iw, ih), interpolation=cv2.INTER_AREA)
-        if self.bgr:
-            crop = crop[..., ::-1]
         return np.ascontiguousarray(crop), roi
+
+    def prepare_tiles(self, rgb: np.ndarray) -> tuple[np.ndarray, Box, Grid]:
+        """The ROI at the tiling scale cut into N×T×T×3 tiles (model colour order)."""
+        crop, roi = self._crop(rgb)
+        size = (int(rgb.shape[1]), int(rgb.shape[0]))
+        if self.tile_prompt_size is not None and size != self.tile_prompt_size:
+            ps = self.tile_prompt_size
+            raise ValueError(
+                f"frame is {size[0]}x{size[1]} but per-tile prompts were cut from a "
+                f"{ps[0]}x{ps[1]} golden sample; use a golden sample from this camera "
+                "(or tiling.prompt: shared)"
+            )
+        grid = self._frame_geometry(rgb.shape[1], rgb.shape[0])[3]
+        assert grid is not None
+        return cut(to_canvas(crop, grid), grid), roi, grid
+
+    def _infer(self, rgb: np.ndarray) -> tuple[np.ndarray, float, Box, float]:
+        """(raw map at map size, raw image score, ROI box, seconds in the engine) for one frame.
+        The raw map may be a view of the engine's output buffer (valid until its next call)."""
+        if self.tiling is None:
+            model_input, roi = self.prepare(rgb)
+            t0 = time.perf_counter()
+            raw_map, raw_score = self.engine.detect(model_input, self.tokens)
+            infer_s = time.perf_counter() - t0
+            m = np.asarray(raw_map, np.float32)
+            m = m.reshape(m.shape[-2], m.shape[-1])
+            ih, iw = self.input_hw
+            if m.shape != (ih, iw):
+                m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
+            return m, float(np.asarray(raw_score).reshape(-1)[0]), roi, infer_s
+        tiles, roi, grid = self.prepare_tiles(rgb)
+        tokens = self._tokens_for(grid.n)
+        t0 = time.perf_counter()
+        maps, scores = detect_tiles(self.engine, tiles, tokens)  # one batched call where it can
+        infer_s = time.perf_counter() - t0
+        return stitch(maps, grid), float(scores.max()), roi, infer_s
+
+    def _tokens_for(self, n: int) -> np.ndarray:
+        """Tokens for `n` tiles: the per-position tokens, or (shared prompt on a frame size other
+        than the golden sample's) the first repeated, built once per tile count so the engine
+        sees the same array every frame (a shared engine binds it once)."""
+        tokens = self.tokens
+        if len(tokens) == n:
+            return tokens
+        cached = self._tile_tokens.get(n)
+        if cached is None:
+            cached = np.ascontiguousarray(np.repeat(tokens[:1], n, axis=0))
+            self._tile_tokens = {**self._tile_tokens, n: cached}
+        return cached
 
     def process(self, rgb: np.ndarray) -> Decision:
         """Run the model on one frame and decide (thresholds read once, at the start)."""
         thresholds, shadow = self._thresholds, self._shadow
-        model_input, roi = self.prepare(rgb)
-        t0 = time.perf_counter()
-        raw_map, raw_score = self.engine.detect(model_input, self.tokens)
-        infer_s = time.perf_counter() - t0
+        raw_map, raw_score, roi, infer_s = self._infer(rgb)
         score_map = self._normalise_map(raw_map)
-        score = (float(np.asarray(raw_score).reshape(-1)[0]) - self._img_c) / self._img_s
-        _, ignore, keep = self._frame_geometry(rgb.shape[1], rgb.shape[0])
+        score = (raw_score - self._img_c) / self._img_s
+        _, ignore, keep, _ = self._frame_geometry(rgb.shape[1], rgb.shape[0])
         if ignore is not None:
             np.copyto(score_map, np.float32(0.0), where=ignore)
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
@@ -221,10 +322,6 @@ class Pipeline:
         """(raw - center) / scale into ONE new float32 array (the engine's buffer may be reused
         by its next frame); the same arithmetic, bit for bit, as the expression form."""
         m = np.asarray(raw_map, np.float32)
-        m = m.reshape(m.shape[-2], m.shape[-1])
-        ih, iw = self.input_hw
-        if m.shape != (ih, iw):
-            m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
         out = np.subtract(m, self._pix_c32, dtype=np.float32)
         return np.divide(out, self._pix_s32, out=out)
 

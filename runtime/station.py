@@ -107,7 +107,12 @@ class Station:
         thresholds = Thresholds.resolve(cfg.thresholds, card.thresholds)
         try:
             self.pipeline = Pipeline(
-                engine, prompt, thresholds=thresholds, roi=cfg.roi, ignore_masks=cfg.ignore_masks
+                engine,
+                prompt,
+                thresholds=thresholds,
+                roi=cfg.roi,
+                ignore_masks=cfg.ignore_masks,
+                tiling=cfg.tiling,
             )
         except ValueError as exc:
             raise LineGuardError(f"station {self.station_id}: {exc}") from exc

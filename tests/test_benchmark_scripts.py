@@ -155,3 +155,24 @@ def test_gpu_train_script_runs_on_cpu_with_a_tiny_budget(tmp_path: Path) -> None
         assert result["device"].startswith("cpu") and result["curve"]
         assert 0.0 <= result["mean"]["image_auroc"] <= 1.0
     assert "end " in (out / "gpu_train.log").read_text()
+
+
+@pytest.mark.timeout(600)
+def test_tiling_bsdata_tiny(tmp_path: Path) -> None:
+    """Resized vs tiled on generated wide frames: both modes train, evaluate and are judged at
+    the original size; the JSON has the commands, tiles per image, peers and targets."""
+    out = tmp_path / "tiling.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "tiling_bsdata.py"), "--tiny"]
+    cmd += ["--out", str(out), "--work", str(tmp_path / "work")]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=580)
+    res = json.loads(out.read_text())
+    assert res["metrics_at"] == "original image size" and res["tiny"] is True
+    assert res["modes"]["resized"]["tiles"] == 1 and res["modes"]["tiled"]["tiles"] > 1
+    for row in res["modes"].values():
+        assert set(row["mean"]) == {"image_auroc", "pixel_ap", "aupro"}
+        assert all(c.startswith("lineguard ") for c in row["command"])
+    assert any(c.startswith("lineguard data tile") for c in res["modes"]["tiled"]["command"])
+    assert any("--tile-scale" in c for c in res["modes"]["tiled"]["command"])
+    assert res["peers"]["patchcore"]["pixel_ap"] == 0.523 and len(res["targets"]) == 5
+    # 2-px lines: the square resize washes them out, the tiles at native scale do not
+    assert res["modes"]["tiled"]["mean"]["pixel_ap"] > res["modes"]["resized"]["mean"]["pixel_ap"]

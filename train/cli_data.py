@@ -20,7 +20,7 @@ def _folder_arg(text: str) -> tuple[str, str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Register `data pack` and `evaluate`."""
+    """Register `data pack`, `data tile` and `evaluate`."""
     data = sub.add_parser(
         "data",
         help="prepare datasets (pack images at training resolution)",
@@ -110,13 +110,74 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--save-maps",
         type=Path,
         metavar="DIR",
-        help="write DIR/<category>/<defect>/<stem>.npy and DIR/scores.csv",
+        help="write DIR/<category>/<defect>/<stem>.npy and DIR/scores.csv (with --tile-scale "
+        "the maps are at the ORIGINAL image size)",
     )
+    add_tiling_args(e)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0, help="seed of the random prompt draws")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(handler=_evaluate)
+
+    t = dsub.add_parser(
+        "tile",
+        help="cut normal training images into tiles, one category per grid position",
+        description=(
+            "Training at the scale of the defect without a trainer change: every normal "
+            "training image is cut with a tiled station's grid into OUT/<class>@r<row>c<col>/"
+            "train/good, so the trainer pairs each query tile with the same-position tile of "
+            "another normal image. Train on OUT at the tile size, evaluate with --tile-scale."
+        ),
+    )
+    t.add_argument("--data", nargs="+", required=True, metavar="ROOT", help="MVTec-layout root(s)")
+    t.add_argument("--categories", nargs="+", metavar="NAME", help="only these categories")
+    t.add_argument("--tile", type=int, required=True, help="tile size = the model's input size")
+    add_tiling_args(t)
+    t.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    t.set_defaults(handler=_tile)
+
+
+def add_tiling_args(p: argparse.ArgumentParser) -> None:
+    """--tile-scale/--tile-overlap/--tile-prompt: the same grid as a station's `tiling`."""
+    p.add_argument(
+        "--tile-scale",
+        type=float,
+        default=None,
+        metavar="S",
+        help="tile at S image pixels per model pixel (1 = native) instead of a square resize",
+    )
+    p.add_argument("--tile-overlap", type=float, default=0.25, help="least tile overlap (0-0.75)")
+    p.add_argument(
+        "--tile-prompt",
+        choices=["per-tile", "shared"],
+        default="per-tile",
+        help="prompt per grid position (default) or the centre tile for all (textures)",
+    )
+
+
+def tiling_of(args: argparse.Namespace, default_scale: float | None = None):
+    """A `TilingConfig` from the flags, or None (no --tile-scale: today's square resize)."""
+    scale = args.tile_scale if args.tile_scale is not None else default_scale
+    if scale is None:
+        return None
+    from lineguard.runtime.tiling import TilingConfig
+
+    return TilingConfig(
+        scale=scale, overlap=args.tile_overlap, prompt=args.tile_prompt, max_tiles=4096
+    )
+
+
+def _tile(args: argparse.Namespace) -> int:
+    from lineguard.train.tiles import tile_dataset
+
+    tiling = tiling_of(args, default_scale=1.0)
+    counts = tile_dataset(args.data, args.out, args.tile, tiling, args.categories)
+    print(
+        f"wrote {sum(counts.values())} tiles of {args.tile} px in {len(counts)} position "
+        f"categories (scale {tiling.scale:g}) into {args.out}"
+    )
+    return 0
 
 
 def _pack(args: argparse.Namespace) -> int:
@@ -159,6 +220,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             progress=not args.no_progress,
+            tiling=tiling_of(args),
         )
     print(markdown_table(results))
     if args.out:

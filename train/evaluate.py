@@ -5,6 +5,8 @@ graphs: each class's prompt is encoded once and every test image of the class is
 it. Maps are judged raw at the model's input resolution (rank metrics need no normalisation, and
 nothing is ever fitted on test images). Also reported: the spread over random prompt draws and a
 class-agnostic mode where the prompt is retrieved by pooled-feature similarity.
+With `tiling` (train/tiles.py) images are scored at their original size as a tiled station scores
+frames, and the metrics and saved maps are at the ORIGINAL image size.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def evaluate_checkpoint(
     progress: bool = True,
     model: torch.nn.Module | None = None,
     input_size: int | None = None,
+    tiling: Any | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path or dict; or a live `model`) on the test images of `data`.
 
@@ -149,6 +152,15 @@ def evaluate_checkpoint(
     )
     if size <= 0:
         raise LineGuardError("cannot tell the model's input size; pass input_size")
+    if tiling is not None:
+        try:
+            if random_prompts or retrieval:
+                raise LineGuardError("random prompts and retrieval do not support tiling yet")
+            opts = dict(categories=categories, prompt=prompt, save_maps=save_maps)
+            opts.update(out_dir=out_dir, batch_size=batch_size, progress=progress)
+            return _evaluate_tiled(model, ckpt, data, tiling, dev, size, t0, **opts)
+        finally:
+            model.train(was_training)
 
     if isinstance(data, Pack):
         pack = data
@@ -262,8 +274,55 @@ def evaluate_checkpoint(
     return results
 
 
-def write_maps(root: str | Path, test: Pack, maps: np.ndarray, scores: np.ndarray) -> None:
-    """`root/<category>/<defect>/<stem>.npy` (float32 map) and `root/scores.csv` (path,score)."""
+def _evaluate_tiled(
+    model: torch.nn.Module,
+    ckpt: Mapping[str, Any],
+    data: Any,
+    tiling: Any,
+    dev: torch.device,
+    size: int,
+    t0: float,
+    *,
+    categories: Iterable[str] | None,
+    prompt: str | None,
+    save_maps: str | Path | None,
+    out_dir: str | Path | None,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """`evaluate_checkpoint` with tiling: MVTec-layout roots read at their original size."""
+    from types import SimpleNamespace
+
+    from lineguard.train.data import scan_mvtec
+    from lineguard.train.tiles import evaluate_tiled
+
+    if isinstance(data, Pack) or any(Path(d).suffix == ".npz" for d in _as_list(data)):
+        raise LineGuardError("tiled evaluation reads the original images: give dataset roots")
+    samples = scan_mvtec(_as_list(data), categories)
+    results, maps, scores = evaluate_tiled(
+        model, samples, tiling, dev, prompt, ckpt.get("prompts"), batch_size, progress, size
+    )
+    results.update(random_prompt=None, retrieval_accuracy=None, device=str(dev))
+    if save_maps is not None:
+        test = SimpleNamespace(samples=[s for s in samples if s.split == "test"])
+        write_maps(save_maps, test, maps, scores)  # type: ignore[arg-type]
+    results["eval_time_s"] = round(time.perf_counter() - t0, 2)
+    if out_dir is not None:
+        from lineguard.train.report import write_reports
+
+        write_reports(Path(out_dir), results)
+    return results
+
+
+def _as_list(data: Any) -> list[Path]:
+    return [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
+
+
+def write_maps(
+    root: str | Path, test: Pack, maps: Sequence[np.ndarray], scores: np.ndarray
+) -> None:
+    """`root/<category>/<defect>/<stem>.npy` (float32 map) and `root/scores.csv` (path,score).
+    Maps are written at the size they are given (tiled evaluation: the original image size)."""
     root = Path(root)
     for s, m in zip(test.samples, maps, strict=True):
         p = root / s.category / s.defect / f"{s.path.stem}.npy"

@@ -60,6 +60,23 @@ class Pack:
             self.meta,
         )
 
+    def upsized(self, size: int) -> Pack:
+        """The pack at a LARGER model input, resized as the loader would (INTER_AREA; masks
+        nearest). Exactly the pixels of a pack made at `size` when the pack holds the images at
+        their own square size (e.g. PIPED's 128 px patches): a small pack travels to a GPU box
+        and feeds a 224 px model there."""
+        if size < self.size:
+            raise LineGuardError(
+                f"pack holds images at {self.size} px, smaller than the {size} px asked for only "
+                f"by re-packing: run `lineguard data pack --size {size}`"
+            )
+        if size == self.size:
+            return self
+        dim = (size, size)
+        images = np.stack([cv2.resize(im, dim, interpolation=cv2.INTER_AREA) for im in self.images])
+        masks = np.stack([cv2.resize(m, dim, interpolation=cv2.INTER_NEAREST) for m in self.masks])
+        return Pack(size, self.samples, images, masks, self.hashes, self.meta)
+
     def index_of(self) -> dict[tuple[str, str], int]:
         """(dataset, rel_path) -> row, to find a Sample's pixels."""
         return {(s.dataset, s.rel_path): i for i, s in enumerate(self.samples)}
@@ -125,8 +142,13 @@ def build_pack(samples: Sequence[Sample], size: int, progress: bool = True) -> P
 
 
 def _encode(img: np.ndarray, codec: Codec) -> np.ndarray:
+    """Lossless bytes; a grey image (R = G = B) is stored with ONE channel (about 3x smaller)
+    and decodes (IMREAD_COLOR) to the same three equal channels."""
     if img.ndim == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        if np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]):
+            img = np.ascontiguousarray(img[..., 0])
+        else:
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     if codec == "webp":
         ok, buf = cv2.imencode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101])  # >100 = lossless
     else:
@@ -274,11 +296,12 @@ def open_data(
     paths = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
     if len(paths) == 1 and paths[0].suffix == ".npz" and not folders:
         pack = load_pack(paths[0], progress=progress)
-        if pack.size != size:
+        if pack.size > size:
             raise LineGuardError(
                 f"pack {paths[0]} holds images at {pack.size} px but {size} px were asked for; "
                 f"re-pack with --size {size}"
             )
+        pack = pack.upsized(size)
         if categories:
             wanted = set(categories)
             missing = wanted - {s.category for s in pack.samples}

@@ -55,12 +55,12 @@ def _normal_pack(cfg: DataConfig, size: int, progress: bool) -> Pack:
         if cfg.mvtec or cfg.folders:
             raise LineGuardError("data.pack cannot be combined with data.mvtec / data.folders")
         pack = load_pack(cfg.pack, progress=progress)
-        if pack.size != size:
+        if pack.size > size:
             raise LineGuardError(
                 f"pack {cfg.pack} holds images at {pack.size} px but the model input is {size} "
                 f"px; re-pack with --size {size}"
             )
-        return pack.select(lambda s: s.split == "train" and s.label == 0)
+        return pack.select(lambda s: s.split == "train" and s.label == 0).upsized(size)
     samples: list[Sample] = []
     for src in cfg.mvtec:
         samples += [s for s in scan_mvtec(src.root, src.categories) if s.split == "train"]

@@ -88,5 +88,25 @@ def test_dynamic_batch_export(checkpoint, tmp_path):
     (tokens,) = enc.run(None, {"image": images.numpy()})
     np.testing.assert_allclose(tokens, ref, rtol=1e-4, atol=1e-4)
     det = ort.InferenceSession(str(tmp_path / "detector.onnx"), opts)
-    amap, score = det.run(None, {"image": images.numpy(), "prompt_tokens": tokens[:1]})
+    amap, score = det.run(None, {"image": images.numpy(), "prompt_tokens": tokens})
     assert amap.shape == (3, 1, s, s) and score.shape == (3,)
+    # tiled stations: every tile against its own tokens in ONE call, on both backends, equal to
+    # one call per tile
+    from lineguard.runtime.engine import OnnxRuntimeRunner, OpenVINORunner
+
+    rgb = images.numpy()
+    for runner in (
+        OnnxRuntimeRunner(tmp_path / "prompt_encoder.onnx", tmp_path / "detector.onnx"),
+        OpenVINORunner(tmp_path / "prompt_encoder.xml", tmp_path / "detector.xml", "fp32"),
+    ):
+        assert runner.batch_images and runner.batch_tokens
+        toks = np.concatenate([runner.encode_prompt(rgb[i]) for i in range(3)])
+        maps, scores = runner.detect_batch(rgb, toks)
+        assert maps.shape == (3, s, s) and scores.shape == (3,)
+        for i in range(3):
+            m, sc = runner.detect(rgb[i], toks[i : i + 1])
+            np.testing.assert_allclose(maps[i], m, rtol=1e-4, atol=1e-5)
+            assert np.isclose(scores[i], sc, rtol=1e-4, atol=1e-5)
+        shared_maps, _ = runner.detect_batch(rgb, toks[:1])  # one prompt for every tile
+        np.testing.assert_allclose(shared_maps[0], maps[0], rtol=1e-4, atol=1e-5)
+        runner.close()

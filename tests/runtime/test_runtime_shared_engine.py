@@ -15,6 +15,8 @@ from calibration_fixtures import defect_image, make_artifact, normal_image
 from lineguard.runtime.engine import load_engine
 from lineguard.runtime.engine_pool import EnginePool, plan_threads
 from lineguard.runtime.event_writer import EventJob, EventWriter
+from lineguard.runtime.pipeline import Pipeline, Thresholds
+from lineguard.runtime.tiling import TilingConfig
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,58 @@ def test_pool_shares_one_engine_and_matches_it(tmp_path, backend) -> None:
             ref_m, ref_s = alone.detect(f, tok)
             np.testing.assert_allclose(m, ref_m, rtol=1e-5, atol=1e-5)
             assert s == pytest.approx(ref_s, rel=1e-5, abs=1e-5)
+    pool.close()
+    alone.close()
+
+
+class CountingRequest:
+    """A station's OpenVINO infer request that counts its `infer` calls."""
+
+    def __init__(self, request) -> None:
+        self.request, self.calls = request, 0
+
+    def infer(self, *args, **kwargs):
+        self.calls += 1
+        return self.request.infer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.request, name)
+
+
+@pytest.mark.parametrize(
+    ("backend", "dynamic"), [("openvino", True), ("openvino", False), ("onnxruntime", True)]
+)
+def test_tiled_station_on_the_shared_engine_batches_its_tiles(tmp_path, backend, dynamic) -> None:
+    """Tiling (main) on a pooled engine (issue 13): a dynamic-batch artifact runs all tiles of a
+    frame in ONE call on the station's own request (per-tile tokens bound once), a batch-1
+    artifact one call per tile; maps, scores and regions equal the engine alone's."""
+    art = make_artifact(tmp_path / "art", dynamic_batch=dynamic)
+    cfg = SimpleNamespace(model=art, engine=backend, precision="fp32", station_id="s1")
+    pool = EnginePool([cfg], cores=1)
+    handle = pool.station_engine(cfg)
+    assert handle.shared.runner.batch_images is dynamic
+    spy = None
+    if backend == "openvino":
+        spy = handle._request = CountingRequest(handle._request)
+    alone = load_engine(art, backend=backend, precision="fp32", threads=1)
+    rng = np.random.default_rng(1)
+    prompt = normal_image(rng, size=80)
+    tiling = TilingConfig(scale=1.0, overlap=0.25)  # 80x80 frames, 32 px tiles: a 3x3 grid
+    t = Thresholds(image=1.0, pixel=1.0, min_area_px=4)
+    tiled = Pipeline(handle, prompt, thresholds=t, tiling=tiling)
+    ref = Pipeline(alone, prompt, thresholds=t, tiling=tiling)
+    assert tiled.tokens.shape[0] == 9
+    for frame in [defect_image(rng, size=80) for _ in range(3)]:
+        if spy is not None:
+            spy.calls = 0
+        d, r = tiled.process(frame), ref.process(frame)
+        if spy is not None:
+            assert spy.calls == (1 if dynamic else 9)
+        np.testing.assert_allclose(d.score_map, r.score_map, rtol=1e-5, atol=1e-4)
+        assert d.image_score == pytest.approx(r.image_score, rel=1e-5, abs=1e-5)
+        assert [g.bbox for g in d.regions] == [g.bbox for g in r.regions]
+        assert d.defective == r.defective and d.infer_s > 0
+    assert any(tiled.process(defect_image(rng, size=80)).regions for _ in range(3))
     pool.close()
     alone.close()
 

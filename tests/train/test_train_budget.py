@@ -7,6 +7,7 @@ ship the checkpoint whose validation proxy was the best of its curve (not simply
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import cv2
@@ -46,8 +47,8 @@ def test_budget_in_a_recipe_accepts_durations() -> None:
 def test_lr_factor_warms_up_then_decays_to_the_floor_at_the_end() -> None:
     f = [lr_factor(x / 100, 0.05, 0.02) for x in range(101)]
     assert f[0] < 0.05 and math.isclose(f[5], 1.0)
-    assert all(a <= b + 1e-12 for a, b in zip(f[:5], f[1:6], strict=True))  # warm-up rises
-    assert all(a >= b - 1e-12 for a, b in zip(f[5:-1], f[6:], strict=True))  # then only falls
+    assert all(a <= b + 1e-12 for a, b in pairwise(f[:6]))  # warm-up rises
+    assert all(a >= b - 1e-12 for a, b in pairwise(f[5:]))  # then only falls
     assert math.isclose(f[-1], 0.02) and math.isclose(lr_factor(2.0, 0.05, 0.02), 0.02)
 
 

@@ -184,7 +184,16 @@ def test_open_data_pack_or_root_and_fingerprint(tmp_path):
     _write(victim, np.full((40, 52), 7, np.uint8))
     assert open_data(root, 16, ["tile"], progress=False).fingerprint != from_root.fingerprint
     with pytest.raises(LineGuardError, match="re-pack"):
-        open_data(out, 32, progress=False)
+        open_data(out, 8, progress=False)
+    # a small pack feeds a larger model input: resized as the loader resizes the originals
+    bigger = open_data(out, 32, ["bottle"], progress=False)
+    direct = open_data(root, 32, ["bottle"], progress=False)
+    assert bigger.size == 32 and bigger.samples == direct.samples
+    small = open_data(out, 16, ["bottle"], progress=False)
+    expect = np.stack(
+        [cv2.resize(im, (32, 32), interpolation=cv2.INTER_AREA) for im in small.images]
+    )
+    np.testing.assert_array_equal(bigger.images, expect)
     with pytest.raises(LineGuardError, match="screw"):
         open_data(out, 16, ["screw"], progress=False)
     (tmp_path / "junk.npz").write_bytes(b"junk")
