@@ -12,15 +12,24 @@ default queue (2 frames, drop oldest). The station therefore runs flat out and t
 cannot take are dropped and counted, as with a live camera. (A folder without fps would apply
 back pressure instead, and nothing would ever be dropped.)
 
-Every frame is an event: thresholds are set far below any score, so each frame becomes a defect
-event with its evidence JPEG, committed to the SQLite outbox and published at QoS 1 (the worst
-case for the event path). Figures, over a `--seconds` window after `--warmup`:
-* fps_per_station: inspected frames / s per station (stats topic `frames` counters);
+Event rate axis (`--event-rates`, default 0.05 and 1.0): the share of DEFECTIVE frames in the
+replayed folder. Defective frames really contain a drawn defect (a large striped patch);
+thresholds are never negative or zero (finite and > 0, runtime/threshold_limits.py), chosen by
+this script from the engine's own scores on the replayed frames (`choose_thresholds`: between
+the highest normal and the lowest defective image score). Each defective frame is a defect event
+with its evidence JPEG, committed to the SQLite outbox and published at QoS 1; the share really
+measured is reported (`event_rate_measured`) next to the target. Figures, over a `--seconds`
+window after `--warmup`:
+* fps_per_station / fps_total: inspected frames / s (stats topic `frames` counters);
 * latency p50/p95: capture -> publish, the subscriber's receive time minus the event's
-  `captured_at` (same clock); capture -> decision (the event's `latency_ms`) is reported too;
+  `captured_at` (same clock), events only;
+* decision_latency p50/p95: capture -> decision of EVERY inspected frame in the window, from the
+  runtime's Prometheus histogram (`--metrics-port`, scraped at both ends of the window;
+  interpolated within buckets as Prometheus' histogram_quantile does; 40 ms is a bucket edge);
 * dropped_frames: frames the queues dropped in the window, all stations;
 * cpu_percent: CPU time of the service process tree / wall time (100 = one core);
-  rss_mb: peak resident memory of the service process tree; the broker's CPU is reported apart.
+  rss_mb: peak resident memory of the service process tree; the broker's CPU is reported apart;
+* machine load during the window: machine_cpu_percent, other_processes_cpu_percent, load_1m.
 
     .venv/bin/python benchmarks/runtime_throughput.py              # builds the lite2 artifact once
     .venv/bin/python benchmarks/runtime_throughput.py --tiny --seconds 3 --out /tmp/rt   # smoke
@@ -39,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -50,6 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 MOSQUITTO = "/usr/sbin/mosquitto"
 PREFIX = "lineguard"
+FRAMES = 20  # replayed frames per event rate: 0.05 = 1 defective frame in 20
 
 
 def cpu_name() -> str:
@@ -78,15 +89,64 @@ def scene(rng: np.random.Generator, h: int, w: int, defect: bool) -> np.ndarray:
     return img
 
 
-def write_frames(folder: Path, n: int, w: int, h: int, ext: str) -> Path:
-    """`n` camera frames (every other one with a defect) and `golden.png` (a normal part)."""
+def write_frames(folder: Path, n: int, w: int, h: int, ext: str, event_rate: float) -> Path:
+    """`n` camera frames, round(event_rate·n) of them (spread evenly) with a drawn defect, and
+    `golden.png` (a normal part, the prompt). The same seed for every rate: same parts."""
     folder.mkdir(parents=True, exist_ok=True)
+    n_bad = round(event_rate * n)
+    bad = {int(i * n / n_bad) for i in range(n_bad)} if n_bad else set()
     rng = np.random.default_rng(7)
+    golden = scene(rng, h, w, defect=False)
     for i in range(n):
-        cv2.imwrite(str(folder / f"frame_{i:03d}.{ext}"), scene(rng, h, w, defect=i % 2 == 1))
-    golden = folder.parent / "golden.png"
-    cv2.imwrite(str(golden), scene(rng, h, w, defect=False))
-    return golden
+        name = f"frame_{i:03d}{'_bad' if i in bad else ''}.{ext}"
+        cv2.imwrite(str(folder / name), part(golden, rng, defect=i in bad))
+    cv2.imwrite(str(folder.parent / "golden.png"), golden)
+    return folder.parent / "golden.png"
+
+
+def part(golden: np.ndarray, rng: np.random.Generator, defect: bool) -> np.ndarray:
+    """The golden part with fresh sensor noise; a defect is a large high-contrast striped patch
+    (about 2/3 of the part): big enough that even the benchmark's random-head model scores it
+    above every normal frame (a small blob does not separate there)."""
+    img = np.clip(golden + rng.normal(0, 3, golden.shape), 0, 255).astype(np.uint8)
+    if defect:
+        h, w = img.shape[:2]
+        ph, pw = int(h * 0.8), int(w * 0.8)
+        y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
+        stripes = (np.arange(pw) // 8 % 2 * 255).astype(np.uint8)
+        img[y : y + ph, x : x + pw] = stripes[None, :, None]
+    return img
+
+
+def choose_thresholds(artifact: Path, frames: Path, golden: Path) -> tuple[dict, str]:
+    """Thresholds (all > 0) that make exactly the drawn-defect frames defective, from the INT8
+    engine's own normalised scores on these frames (the station's pipeline, this prompt)."""
+    from lineguard.runtime.engine import load_engine
+    from lineguard.runtime.pipeline import Pipeline, Thresholds
+
+    engine = load_engine(artifact, backend="openvino", precision="int8", threads=1)
+    prompt = cv2.cvtColor(cv2.imread(str(golden)), cv2.COLOR_BGR2RGB)
+    pipe = Pipeline(engine, prompt, thresholds=Thresholds(1.0, 1.0, 1))
+    normal, bad, bad_max = [], [], []
+    for f in sorted(frames.iterdir()):
+        rgb = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+        d = pipe.process(rgb)
+        is_bad = "_bad." in f.name
+        (bad if is_bad else normal).append(d.image_score)
+        if is_bad:
+            bad_max.append(float(d.score_map.max()))
+    engine.close()
+    tiny = 1.0e-6  # the lowest value a threshold may take
+    if not bad:
+        return {"image": 1000.0, "pixel": 1000.0, "min_area_px": 1}, "no defective frame"
+    lo = min(bad)
+    hi = max(normal) if normal else -np.inf
+    image = (max(hi, 0.0) + lo) / 2 if normal else lo - 0.01 * abs(lo)  # in (max(hi, 0), lo)
+    pixel = min(bad_max) - 0.01 * abs(min(bad_max))
+    how = f"image scores normal <= {hi:.3f}, defective >= {lo:.3f}"
+    if not hi < lo or image <= 0 or pixel <= 0:
+        how += "; NOT separable with thresholds > 0: the measured event share will differ"
+    return {"image": max(tiny, image), "pixel": max(tiny, pixel), "min_area_px": 1}, how
 
 
 def model_config(tiny: bool):
@@ -239,16 +299,20 @@ class Subscriber:
 # ---------------------------------------------------------------- one row
 
 
-def write_site(folder: Path, n: int, args: argparse.Namespace, port: int, frames: Path) -> Path:
+def write_site(
+    folder: Path, n: int, args: argparse.Namespace, port: int, frames: Path, thresholds: dict
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     golden = frames.parent / "golden.png"
+    t = thresholds
     for i in range(n):
         (folder / f"st{i + 1}.yaml").write_text(
             f"station_id: st{i + 1}\nline_id: line1\nmodel: {args.artifact}\n"
             "engine: openvino\nprecision: int8\n"
             f"camera: {{kind: folder, path: {frames}, fps: {args.camera_fps}, loop: true}}\n"
             f"prompt: {{image: {golden}}}\n"
-            "thresholds: {image: 1.0e-6, pixel: 1.0e-6, min_area_px: 1}\n"  # lowest allowed
+            # x.xxxxxxe-NN: a float for YAML 1.1 too (a bare 1e-06 would load as a string)
+            f"thresholds: {{image: {t['image']:.6e}, pixel: {t['pixel']:.6e}, min_area_px: 1}}\n"
             f"evidence: {{mqtt: {str(args.evidence).lower()}}}\n"
         )
     site = folder / "site.yaml"
@@ -310,17 +374,57 @@ def window_delta(stats: list[tuple[float, dict]], t0: float, t1: float, key: str
     return out
 
 
+def scrape(port: int) -> dict[str, dict]:
+    """The runtime's /metrics: capture-to-decision buckets (all stations) and counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    buckets: dict[float, float] = {}
+    counters: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == "lineguard_capture_to_decision_seconds_bucket":
+                le = float(smp.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + smp.value
+            elif smp.name.endswith("_total"):
+                counters[smp.name] = counters.get(smp.name, 0.0) + smp.value
+    return {"buckets": buckets, "counters": counters}
+
+
+def bucket_quantile(q: float, a: dict[float, float], b: dict[float, float]) -> float | None:
+    """Quantile in ms of the observations between two scrapes (histogram_quantile's rule)."""
+    edges = sorted(b)
+    cum = [b[e] - a.get(e, 0.0) for e in edges]
+    if not cum or cum[-1] <= 0:
+        return None
+    rank, prev_edge, prev = q * cum[-1], 0.0, 0.0
+    for edge, c in zip(edges, cum, strict=True):
+        if c >= rank:
+            if edge == float("inf"):
+                return round(prev_edge * 1000.0, 1)
+            frac = (rank - prev) / (c - prev) if c > prev else 1.0
+            return round((prev_edge + (edge - prev_edge) * frac) * 1000.0, 1)
+        prev_edge, prev = edge, c
+    return None
+
+
 def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 1) if values else None
 
 
-def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process) -> dict:
-    folder = args.work / f"stations{n}"
-    site = write_site(folder, n, args, port, args.work / "frames")
+def run_row(
+    n: int, rate: float, args: argparse.Namespace, port: int, broker: psutil.Process
+) -> dict:
+    folder = args.work / f"stations{n}_events{rate:g}"
+    frames = args.work / f"frames_{rate:g}"
+    site = write_site(folder, n, args, port, frames, args.thresholds[rate])
     sub = Subscriber(port)
     log = (folder / "service.log").open("w")
+    mport = free_port()
+    cmd = ["run", "--site", str(site), "--metrics-port", str(mport)]
     child = subprocess.Popen(
-        [sys.executable, "-m", "lineguard.runtime.cli", "run", "--site", str(site)],
+        [sys.executable, "-m", "lineguard.runtime.cli", *cmd],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=folder,
@@ -337,6 +441,7 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
         procs = tree(proc)
         psutil.cpu_percent(interval=None)  # starts the machine-wide measurement
         me = psutil.Process()
+        m0 = scrape(mport)
         t0, c0, b0, h0 = time.time(), cpu_seconds(procs), cpu_seconds([broker]), cpu_seconds([me])
         peak = rss_mb(procs)
         while time.time() - t0 < args.seconds:
@@ -344,7 +449,9 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
             peak = max(peak, rss_mb(tree(proc)))
         t1, c1, b1 = time.time(), cpu_seconds(tree(proc)), cpu_seconds([broker])
         h1 = cpu_seconds([me])
+        m1 = scrape(mport)
         machine = psutil.cpu_percent(interval=None) * psutil.cpu_count()
+        load_1m = os.getloadavg()[0]
         # The outbox publishes in order: once every station has an event captured after the
         # window, all events captured inside it have arrived (however deep the backlog was).
         deadline = time.monotonic() + 30
@@ -371,8 +478,20 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
     publish_ms = [(recv - cap) * 1000.0 for recv, _, cap, _ in events]
     decision_ms = [ms for *_, ms in events if ms is not None]
     depth = [p["outbox_depth"] for r, p in stats if t0 <= r <= t1]
+    c_a, c_b = m0["counters"], m1["counters"]
+    inspected = c_b.get("lineguard_frames_inspected_total", 0) - c_a.get(
+        "lineguard_frames_inspected_total", 0
+    )
+    defective = c_b.get("lineguard_frames_defective_total", 0) - c_a.get(
+        "lineguard_frames_defective_total", 0
+    )
+    commits = c_b.get("lineguard_outbox_commits_total", 0) - c_a.get(
+        "lineguard_outbox_commits_total", 0
+    )
     return {
         "stations": n,
+        "event_rate": rate,
+        "event_rate_measured": round(defective / inspected, 4) if inspected else None,
         "fps_per_station": round(float(np.mean(list(fps.values()))), 2) if fps else 0.0,
         "latency_p50_ms": pct(publish_ms, 50),
         "latency_p95_ms": pct(publish_ms, 95),
@@ -382,15 +501,19 @@ def run_row(n: int, args: argparse.Namespace, port: int, broker: psutil.Process)
         "fps_by_station": {s: round(v, 2) for s, v in fps.items()},
         "fps_total": round(sum(fps.values()), 2),
         "offered_fps_per_station": args.camera_fps,
-        "decision_latency_p50_ms": pct(decision_ms, 50),
-        "decision_latency_p95_ms": pct(decision_ms, 95),
+        "decision_latency_p50_ms": bucket_quantile(0.5, m0["buckets"], m1["buckets"]),
+        "decision_latency_p95_ms": bucket_quantile(0.95, m0["buckets"], m1["buckets"]),
+        "event_decision_latency_p50_ms": pct(decision_ms, 50),
+        "event_decision_latency_p95_ms": pct(decision_ms, 95),
         "events_in_window": len(events),
+        "events_per_commit": round(len(events) / commits, 2) if commits else None,
         "outbox_depth_max": max(depth) if depth else None,
         "broker_cpu_percent": round(100.0 * (b1 - b0) / (t1 - t0), 1),
         "machine_cpu_percent": round(machine, 1),
         "other_processes_cpu_percent": round(
             max(0.0, machine - 100.0 * (c1 - c0 + b1 - b0 + h1 - h0) / (t1 - t0)), 1
         ),
+        "load_1m": round(load_1m, 2),
     }
 
 
@@ -403,16 +526,19 @@ def markdown(result: dict) -> str:
         "",
         f"CPU: {result['cpu']}. Model: {result['artifact']}. {result['setup']}",
         "",
-        "| stations | fps / station | fps total | capture→publish p50 / p95 ms | "
-        "capture→decision p50 / p95 ms | dropped (window) | CPU % (100 = 1 core) | RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stations | event rate (measured) | fps / station | fps total | offered fps / station | "
+        "capture→publish p50 / p95 ms | capture→decision p50 / p95 ms | dropped (window) | "
+        "CPU % (100 = 1 core) | RSS MB | machine CPU % / other % / load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['stations']} | {r['fps_per_station']} | {r['fps_total']} | "
+            f"| {r['stations']} | {r['event_rate']} ({r['event_rate_measured']}) | "
+            f"{r['fps_per_station']} | {r['fps_total']} | {r['offered_fps_per_station']} | "
             f"{r['latency_p50_ms']} / {r['latency_p95_ms']} | "
             f"{r['decision_latency_p50_ms']} / {r['decision_latency_p95_ms']} | "
-            f"{r['dropped_frames']} | {r['cpu_percent']} | {r['rss_mb']} |"
+            f"{r['dropped_frames']} | {r['cpu_percent']} | {r['rss_mb']} | "
+            f"{r['machine_cpu_percent']} / {r['other_processes_cpu_percent']} / {r['load_1m']} |"
         )
     lines += ["", *[f"- {note}" for note in result["notes"]]]
     return "\n".join(lines) + "\n"
@@ -421,6 +547,13 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stations", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument(
+        "--event-rates",
+        type=float,
+        nargs="+",
+        default=[0.05, 1.0],
+        help="shares of defective frames (multiples of 0.05, 0 to 1)",
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="measurement window per row")
     p.add_argument("--warmup", type=float, default=10.0, help="seconds after the first frames")
     p.add_argument("--camera-fps", type=float, default=60.0, help="paced rate of each camera")
@@ -445,18 +578,30 @@ def main(argv: list[str] | None = None) -> dict:
     if not has_int8(args.artifact):
         raise SystemExit(f"{args.artifact}: no int8 model in model.json")
     w, h = (int(v) for v in args.frame.lower().split("x"))
-    write_frames(args.work / "frames", 24, w, h, args.frame_format)
+    args.thresholds, chosen = {}, []
+    for rate in args.event_rates:
+        if not 0.0 <= rate <= 1.0:
+            raise SystemExit(f"--event-rates: {rate} is not a share between 0 and 1")
+        frames = args.work / f"frames_{rate:g}"
+        golden = write_frames(frames, FRAMES, w, h, args.frame_format, rate)
+        args.thresholds[rate], how = choose_thresholds(args.artifact, frames, golden)
+        chosen.append(f"event_rate {rate:g}: thresholds {args.thresholds[rate]} ({how})")
     card = json.loads((args.artifact / "model.json").read_text())
     broker_proc, port = start_broker(args.work / "broker")
     rows = []
     others: set[str] = set()
     try:
         for n in args.stations:
-            others.update(other_jobs())
-            print(f"{n} station(s): warm-up {args.warmup:g} s, {args.seconds:g} s", flush=True)
-            rows.append(run_row(n, args, port, psutil.Process(broker_proc.pid)))
-            print(json.dumps(rows[-1]), flush=True)
-            others.update(other_jobs())
+            for rate in args.event_rates:
+                others.update(other_jobs())
+                print(
+                    f"{n} station(s), event rate {rate:g}: warm-up {args.warmup:g} s, "
+                    f"{args.seconds:g} s",
+                    flush=True,
+                )
+                rows.append(run_row(n, rate, args, port, psutil.Process(broker_proc.pid)))
+                print(json.dumps(rows[-1]), flush=True)
+                others.update(other_jobs())
     finally:
         broker_proc.terminate()
         broker_proc.wait(10)
@@ -467,24 +612,32 @@ def main(argv: list[str] | None = None) -> dict:
         "artifact": f"{card['name']} ({card['input_size'][0]} px, INT8 OpenVINO; random head)",
         "precision": "int8",
         "engine": "openvino",
-        "inference_threads_per_station": 1,
+        "inference": "one compiled model shared by all stations, streams/threads by the rule "
+        "of docs/performance.md (logged by the service at start)",
+        "event_rates": args.event_rates,
+        "thresholds": chosen,
         "duration_s": args.seconds,
         "warmup_s": args.warmup,
-        "camera": f"folder replay of 24 {w}x{h} {args.frame_format.upper()} frames, looped, "
-        f"paced at {args.camera_fps:g} fps per station; queue 2, drop oldest",
+        "camera": f"folder replay of {FRAMES} {w}x{h} {args.frame_format.upper()} frames, "
+        f"looped, paced at {args.camera_fps:g} fps per station; queue 2, drop oldest",
         "setup": (
             f"{w}x{h} {args.frame_format.upper()} frames paced at {args.camera_fps:g} fps per "
-            "camera (queue 2, drop oldest); 1 OpenVINO inference thread per station (the "
-            "station default); every frame is a defect event"
+            "camera (queue 2, drop oldest); one shared INT8 model (docs/performance.md); "
+            "a share `event_rate` of the frames carries a drawn defect and is a defect event"
             + (" with its evidence JPEG" if args.evidence else "")
             + f"; {args.seconds:g} s window after {args.warmup:g} s warm-up."
         ),
         "load_average_after": [round(x, 2) for x in load],
         "notes": [
             "latency_p50/p95_ms: capture -> publish, i.e. until an MQTT subscriber on this host "
-            "receives the event (its receive time minus the event's captured_at, same clock); "
-            "decision_latency: capture -> decision (the event's latency_ms), i.e. without the "
-            "evidence JPEG, the outbox commit (SQLite, fsync) and the MQTT hop.",
+            "receives the event (its receive time minus the event's captured_at, same clock), "
+            "including the group commit wait (outbox.group_commit_ms); decision_latency: "
+            "capture -> decision of every inspected frame (the runtime's Prometheus histogram, "
+            "bucket-interpolated); event_decision_latency: the same for the events only (their "
+            "latency_ms).",
+            "event_rate: target share of defective frames; event_rate_measured: defective / "
+            "inspected frames in the window (Prometheus counters); load_1m: the 1-minute load "
+            "average at the end of the row's window.",
             "fps_per_station: inspected frames per second (stats `frames` counters over the "
             "window); dropped_frames: frames the bounded queues dropped in the window (all "
             "stations) because the cameras offer more than the stations infer.",

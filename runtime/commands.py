@@ -23,6 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--site", required=True, type=Path, metavar="FILE", help="site YAML file")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus metrics on http://HOST:N/metrics (overrides the site's "
+        "metrics.port; HOST from metrics.host, default 0.0.0.0)",
+    )
     p.set_defaults(handler=_run)
 
     v = sub.add_parser(
@@ -51,7 +58,10 @@ def _run(args: argparse.Namespace) -> int:
     from lineguard.runtime.service import Service
 
     loaded = load_site(args.site, check_local=True)  # everything checked before any write
-    return Service(loaded).run_forever()
+    if args.metrics_port is not None and not 1 <= args.metrics_port <= 65535:
+        print("lineguard run: error: --metrics-port must be 1..65535", file=sys.stderr)
+        return 2
+    return Service(loaded, metrics_port=args.metrics_port).run_forever()
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -214,7 +214,15 @@ class StationConfig(_Strict):
     model: ConfigPath = Field(title="Model artifact folder (with model.json)")
     engine: Literal["openvino", "onnxruntime"] = Field("openvino", title="Inference engine")
     precision: Literal["int8", "fp32", "bf16"] = Field("int8", title="Model precision")
-    threads: int = Field(1, ge=1, le=256, title="Inference threads for this station")
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        title="Inference threads when this station's model is loaded on its own",
+        description="Used by `lineguard calibrate` and the deploy health check; `lineguard run` "
+        "shares one compiled model per artifact and precision between stations and plans its "
+        "threads from the site's `inference` settings",
+    )
     camera: CameraConfig = Field(title="Frame source")
     prompt: PromptConfig = Field(title="Golden sample (visual prompt)")
     roi: tuple[Fraction, Fraction, Fraction, Fraction] | None = Field(
@@ -352,6 +360,39 @@ class OutboxConfig(_Strict):
     path: ConfigPath = Field(Path("state/outbox.sqlite"), title="SQLite file")
     max_events: int = Field(100_000, ge=10, title="Most events kept; the oldest go first, logged")
     max_age_h: float = Field(168.0, gt=0, title="Events older than this are dropped, logged")
+    group_commit_ms: float = Field(
+        50.0,
+        ge=0,
+        le=1000,
+        title="Longest an event waits for its commit, ms; events decided meanwhile share it",
+        description="The writer thread commits every event handed over within this time in one "
+        "transaction (one fsync); 0 commits as soon as nothing more is waiting",
+    )
+
+
+class InferenceConfig(_Strict):
+    """How `lineguard run` shares each model between stations (docs/performance.md,
+    "Inference threads"); unset values follow the rule from cores and stations."""
+
+    cores: int | None = Field(
+        None, ge=1, le=1024, title="Cores for inference (None = the CPUs this process may use)"
+    )
+    streams: int | None = Field(
+        None, ge=1, le=64, title="Parallel inferences per model (None = the rule)"
+    )
+    threads_per_stream: int | None = Field(
+        None, ge=1, le=256, title="Threads per inference (None = the rule)"
+    )
+
+
+class MetricsConfig(_Strict):
+    """Prometheus endpoint (`/metrics`); `lineguard run --metrics-port` overrides the port."""
+
+    port: int = Field(9464, ge=1, le=65535, title="TCP port serving /metrics")
+    host: str = Field(
+        "0.0.0.0",
+        title="Address to listen on (0.0.0.0 = all; 127.0.0.1 = this PC only)",
+    )
 
 
 class SiteConfig(_Strict):
@@ -371,6 +412,12 @@ class SiteConfig(_Strict):
     )
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, title="Event outbox")
     stats_interval_s: float = Field(10.0, gt=0, title="Seconds between stats messages")
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig, title="Model sharing: cores, streams, threads"
+    )
+    metrics: MetricsConfig | None = Field(
+        None, title="Prometheus /metrics endpoint (None = off unless --metrics-port is given)"
+    )
     audit_log: ConfigPath = Field(
         Path("state/audit.jsonl"), title="Audit log of threshold changes (JSON lines)"
     )

@@ -137,6 +137,7 @@ class OpenVINORunner(GraphRunner):
         device: str = "CPU",
         extra_config: dict[str, Any] | None = None,
         float_ops: str = "f32",
+        streams: int | None = None,
     ) -> None:
         import openvino as ov
 
@@ -150,6 +151,9 @@ class OpenVINORunner(GraphRunner):
         if cache_dir is not None:
             core.set_property({"CACHE_DIR": str(cache_dir)})
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if streams is not None:  # shared by several stations (engine_pool.py): one per stream
+            config = {"PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY"}
+            config["NUM_STREAMS"] = int(streams)
         if device.startswith("CPU"):
             hint = float_ops if precision == "int8" else OV_HINT[precision]
             if hint == "bf16" and "BF16" not in core.get_property(
@@ -165,6 +169,7 @@ class OpenVINORunner(GraphRunner):
         )
         self._encoder = core.compile_model(_read(core, encoder_xml), device, enc_config)
         self._detector = core.compile_model(_read(core, detector_xml), device, config)
+        self.compiled_detector = self._detector  # stations of a shared engine make own requests
         shape = self._detector.input(IMAGE).get_partial_shape()
         self.input_size = (int(shape[1].get_length()), int(shape[2].get_length()))
         self.batch_images = shape[0].is_dynamic
@@ -339,6 +344,7 @@ def load_engine(
     async_jobs: int = 1,
     cache_dir: str | Path | None = None,
     verify: bool = True,
+    streams: int | None = None,
 ) -> Engine:
     """Read and verify `model.json`, then compile the graphs for `backend` at `precision`."""
     root = Path(artifact_dir)
@@ -366,15 +372,18 @@ def load_engine(
                 "run `lineguard quantize --artifact` for int8"
             )
         files = card.precisions[files_of].files
+        encoder = files.get("prompt_encoder") or _graph_file(
+            card, "prompt_encoder", "openvino", root
+        )
         runner = OpenVINORunner(
-            root
-            / files.get("prompt_encoder", _graph_file(card, "prompt_encoder", "openvino", root)),
+            root / encoder,
             root / files["detector"],
             precision=precision,
             float_ops=card.precisions[files_of].float_ops,
             threads=threads,
             async_jobs=async_jobs,
             cache_dir=cache_dir,
+            streams=streams,
         )
     own = card.precisions.get("fp32" if precision == "bf16" else precision)
     if own is not None and own.score_normalization is not None:

@@ -7,9 +7,9 @@ payload's `event_id`.
 
 Durability: `journal_mode=WAL` with `synchronous=FULL`. With WAL, NORMAL already survives a
 process crash (SIGKILL), but a power cut can roll back the last commits, and power cuts are
-normal on a factory floor. FULL fsyncs the WAL on every commit; defect events are rare (at most a
-few per second per station) and one fsync costs about a millisecond on an SSD, a price the frame
-loop can pay, while it never waits on the network.
+normal on a factory floor. FULL fsyncs the WAL on every commit; `lineguard run` commits from
+one writer thread in groups (`event_writer.py`: every event decided within `group_commit_ms` in
+one transaction, one fsync), so neither the frame loops nor the event rate pay per fsync.
 
 Bounds: `max_events` (oldest dropped first) and `max_age_h`; every drop is logged as a WARNING
 with the count, so an outage longer than the budget is visible, never silent.
@@ -206,6 +206,14 @@ class Outbox:
         """Messages waiting for an acknowledgement."""
         with self._lock:
             return self._count
+
+    def oldest_age_s(self, now: float | None = None) -> float:
+        """Seconds the oldest undelivered message has waited (0 when empty); indexed, cheap."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(created) FROM outbox").fetchone()
+        if row is None or row[0] is None:
+            return 0.0
+        return max(0.0, (time.time() if now is None else now) - float(row[0]))
 
     def close(self) -> None:
         with self._lock:

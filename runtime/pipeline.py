@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -51,6 +52,9 @@ from lineguard.runtime.tiling import (
 )
 
 log = logging.getLogger(__name__)
+
+# per frame size: ROI box, ignore mask, its complement, tile grid (None unless tiled)
+Geometry = tuple[Box, np.ndarray | None, np.ndarray | None, Grid | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,7 @@ class Decision:
     frame_size: tuple[int, int]  # width, height
     shadow_defective: bool | None = None
     shadow_thresholds: Thresholds | None = None
+    infer_s: float = 0.0  # time in the engine (for the inference-latency histogram)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +117,8 @@ class Pipeline:
         norm = card.score_normalization
         self._img_c, self._img_s = float(norm.image.center), float(norm.image.scale)
         self._pix_c, self._pix_s = float(norm.pixel.center), float(norm.pixel.scale)
+        # fixed per station: float32 constants, so the per-frame maths never re-converts them
+        self._pix_c32, self._pix_s32 = np.float32(self._pix_c), np.float32(self._pix_s)
         if getattr(card, "resize", "cv2-area") not in ("cv2-area", "area"):
             log.warning("model resizes with %r; the runtime uses cv2 INTER_AREA", card.resize)
         self.roi = None if roi is None else tuple(float(v) for v in roi)
@@ -122,14 +129,17 @@ class Pipeline:
         self._shadow: Thresholds | None = None
         self.tiling = tiling
         self.tile_prompt_size: tuple[int, int] | None = None  # frame (w, h) of per-tile tokens
-        self._geometry: dict[tuple[int, int], tuple[Box, np.ndarray | None, Grid | None]] = {}
+        # per frame size, computed once (never per frame): ROI box, ignore mask, its complement,
+        # tile grid (tiled only)
+        self._geometry: dict[tuple[int, int], Geometry] = {}
+        self._tile_tokens: dict[int, np.ndarray] = {}  # tiles per frame -> tokens for them
         if tiling is None:
             prompt_input, _ = self.prepare(prompt_rgb)
             self.tokens = engine.encode_prompt(prompt_input)
         else:
             self._check_tile_input()
             crop, roi = self._crop(prompt_rgb)
-            grid = self._frame_geometry(prompt_rgb.shape[1], prompt_rgb.shape[0])[2]
+            grid = self._frame_geometry(prompt_rgb.shape[1], prompt_rgb.shape[0])[3]
             self.map_hw = grid.canvas_hw
             self.tokens = prompt_tokens(engine, crop, grid, tiling.prompt)
             if tiling.prompt == "per-tile":
@@ -189,9 +199,7 @@ class Pipeline:
         if ih != iw:
             raise ValueError(f"tiling needs a square model input, the model takes {iw}x{ih}")
 
-    def _frame_geometry(
-        self, width: int, height: int
-    ) -> tuple[Box, np.ndarray | None, Grid | None]:
+    def _frame_geometry(self, width: int, height: int) -> Geometry:
         key = (width, height)
         geo = self._geometry.get(key)
         if geo is None:
@@ -208,13 +216,14 @@ class Pipeline:
                     )
                 map_hw = grid.canvas_hw
             polys = polygons_to_pixels(self.ignore_masks, width, height)
-            geo = (roi, ignore_mask(polys, roi, map_hw), grid)
+            ignore = ignore_mask(polys, roi, map_hw)
+            geo = (roi, ignore, None if ignore is None else ~ignore, grid)
             self._geometry = {**self._geometry, key: geo}
         return geo
 
     def map_shape(self, width: int, height: int) -> tuple[int, int]:
         """(h, w) of the score map for a frame of this size (model input, or tiled canvas)."""
-        grid = self._frame_geometry(width, height)[2]
+        grid = self._frame_geometry(width, height)[3]
         return self.input_hw if grid is None else grid.canvas_hw
 
     def _crop(self, rgb: np.ndarray) -> tuple[np.ndarray, Box]:
@@ -244,39 +253,55 @@ class Pipeline:
                 f"{ps[0]}x{ps[1]} golden sample; use a golden sample from this camera "
                 "(or tiling.prompt: shared)"
             )
-        grid = self._frame_geometry(rgb.shape[1], rgb.shape[0])[2]
+        grid = self._frame_geometry(rgb.shape[1], rgb.shape[0])[3]
         assert grid is not None
         return cut(to_canvas(crop, grid), grid), roi, grid
 
-    def _infer(self, rgb: np.ndarray) -> tuple[np.ndarray, float, Box]:
-        """(raw map at map size, raw image score, ROI box) for one frame."""
+    def _infer(self, rgb: np.ndarray) -> tuple[np.ndarray, float, Box, float]:
+        """(raw map at map size, raw image score, ROI box, seconds in the engine) for one frame.
+        The raw map may be a view of the engine's output buffer (valid until its next call)."""
         if self.tiling is None:
             model_input, roi = self.prepare(rgb)
+            t0 = time.perf_counter()
             raw_map, raw_score = self.engine.detect(model_input, self.tokens)
+            infer_s = time.perf_counter() - t0
             m = np.asarray(raw_map, np.float32)
             m = m.reshape(m.shape[-2], m.shape[-1])
             ih, iw = self.input_hw
             if m.shape != (ih, iw):
                 m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
-            return m, float(np.asarray(raw_score).reshape(-1)[0]), roi
+            return m, float(np.asarray(raw_score).reshape(-1)[0]), roi, infer_s
         tiles, roi, grid = self.prepare_tiles(rgb)
+        tokens = self._tokens_for(grid.n)
+        t0 = time.perf_counter()
+        maps, scores = detect_tiles(self.engine, tiles, tokens)  # one batched call where it can
+        infer_s = time.perf_counter() - t0
+        return stitch(maps, grid), float(scores.max()), roi, infer_s
+
+    def _tokens_for(self, n: int) -> np.ndarray:
+        """Tokens for `n` tiles: the per-position tokens, or (shared prompt on a frame size other
+        than the golden sample's) the first repeated, built once per tile count so the engine
+        sees the same array every frame (a shared engine binds it once)."""
         tokens = self.tokens
-        if len(tokens) != grid.n:  # shared prompt on a frame size other than the golden sample's
-            tokens = np.repeat(tokens[:1], grid.n, axis=0)
-        maps, scores = detect_tiles(self.engine, tiles, tokens)
-        return stitch(maps, grid), float(scores.max()), roi
+        if len(tokens) == n:
+            return tokens
+        cached = self._tile_tokens.get(n)
+        if cached is None:
+            cached = np.ascontiguousarray(np.repeat(tokens[:1], n, axis=0))
+            self._tile_tokens = {**self._tile_tokens, n: cached}
+        return cached
 
     def process(self, rgb: np.ndarray) -> Decision:
         """Run the model on one frame and decide (thresholds read once, at the start)."""
         thresholds, shadow = self._thresholds, self._shadow
-        raw_map, raw_score, roi = self._infer(rgb)
+        raw_map, raw_score, roi, infer_s = self._infer(rgb)
         score_map = self._normalise_map(raw_map)
         score = (raw_score - self._img_c) / self._img_s
-        ignore = self._frame_geometry(rgb.shape[1], rgb.shape[0])[1]
+        _, ignore, keep, _ = self._frame_geometry(rgb.shape[1], rgb.shape[0])
         if ignore is not None:
-            score_map[ignore] = 0.0
+            np.copyto(score_map, np.float32(0.0), where=ignore)
         size = (int(rgb.shape[1]), int(rgb.shape[0]))
-        regions = self._regions(score_map, score, thresholds, roi, size, ignore)
+        regions = self._regions(score_map, score, thresholds, roi, size, keep)
         decision = Decision(
             defective=self._defective(score, regions, thresholds),
             image_score=score,
@@ -285,21 +310,25 @@ class Pipeline:
             score_map=score_map,
             roi=roi,
             frame_size=size,
+            infer_s=infer_s,
         )
         if shadow is not None:
-            shadow_regions = self._regions(score_map, score, shadow, roi, size, ignore)
+            shadow_regions = self._regions(score_map, score, shadow, roi, size, keep)
             decision.shadow_defective = self._defective(score, shadow_regions, shadow)
             decision.shadow_thresholds = shadow
         return decision
 
     def _normalise_map(self, raw_map: np.ndarray) -> np.ndarray:
+        """(raw - center) / scale into ONE new float32 array (the engine's buffer may be reused
+        by its next frame); the same arithmetic, bit for bit, as the expression form."""
         m = np.asarray(raw_map, np.float32)
-        return (m - np.float32(self._pix_c)) / np.float32(self._pix_s)
+        out = np.subtract(m, self._pix_c32, dtype=np.float32)
+        return np.divide(out, self._pix_s32, out=out)
 
-    def _regions(self, score_map, score, t: Thresholds, roi, size, ignore) -> list[Region]:
+    def _regions(self, score_map, score, t: Thresholds, roi, size, keep) -> list[Region]:
         if score < t.image:
             return []  # the frame is normal whatever the map says; skip the labelling work
-        return find_regions(score_map, t.pixel, t.min_area_px, roi, size, ignore)
+        return find_regions(score_map, t.pixel, t.min_area_px, roi, size, keep=keep)
 
     def _defective(self, score: float, regions: list[Region], t: Thresholds) -> bool:
         return score >= t.image and (bool(regions) or not self.require_region)

@@ -96,29 +96,34 @@ def find_regions(
     roi: Box,
     frame_size: tuple[int, int],
     ignore: np.ndarray | None = None,
+    *,
+    keep: np.ndarray | None = None,
 ) -> list[Region]:
     """8-connected regions of `score_map >= pixel_threshold` (ignored pixels excluded) with at
     least `min_area_px` model-input pixels, largest max score first, boxes in frame pixels.
 
     `score_map` is the normalised map at model-input size; `frame_size` is (width, height).
+    `keep` is the precomputed complement of `ignore` (the pipeline's per-station geometry), so
+    the per-frame path does not negate the mask again; give one or the other.
     """
-    binary = score_map >= pixel_threshold
-    if ignore is not None:
-        binary &= ~ignore
+    binary = np.greater_equal(score_map, pixel_threshold)
+    if keep is None and ignore is not None:
+        keep = ~ignore
+    if keep is not None:
+        np.logical_and(binary, keep, out=binary)
     if not binary.any():
         return []
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(
-        binary.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(
+        binary.view(np.uint8), connectivity=8, ltype=cv2.CV_32S
     )
     h, w = score_map.shape
     rx, ry, rw, rh = roi
     sx, sy = rw / w, rh / h
     fw, fh = frame_size
     regions = []
-    for label in range(1, n):
+    big = np.flatnonzero(stats[1:, cv2.CC_STAT_AREA] >= min_area_px) + 1  # vectorised filter
+    for label in big.tolist():
         x, y, bw, bh, area = (int(v) for v in stats[label])
-        if area < min_area_px:
-            continue
         values = score_map[y : y + bh, x : x + bw][labels[y : y + bh, x : x + bw] == label]
         x0 = max(0, math.floor(rx + x * sx + 1e-9))
         y0 = max(0, math.floor(ry + y * sy + 1e-9))

@@ -1,9 +1,12 @@
 """`lineguard run`: all stations of a site, wired to the outbox, MQTT, stats and threshold commands.
 
-Frame threads (one per station, `runtime/station.py`) call back into this service:
-`submit_event` commits the event (and its evidence JPEG) to the SQLite outbox and wakes the
-publisher thread, nothing else, so the frame loop never waits on the network. Without a broker,
-events still go to the outbox and are printed to stdout as JSON lines.
+Stations built here share one compiled model per artifact and precision (`engine_pool.py`)
+and hand their events to one writer thread (`event_writer.py`), which renders the evidence,
+builds the payload and calls `commit_events`: every event of a group in ONE outbox transaction,
+then a wake-up of the publisher thread, nothing else, so no frame loop waits on the disk or the
+network. `submit_event` is the same commit for one event, on the caller's thread (stations built
+by a custom factory). Without a broker, events still go to the outbox and are printed to stdout
+as JSON lines. With `metrics` (site config or `--metrics-port`), `/metrics` serves Prometheus.
 
 Threshold commands (`threshold_handler.py`) arrive on paho's thread, are checked, are
 applied to the station from its next frame on, written to the audit log and echoed (retained) on
@@ -28,8 +31,11 @@ from lineguard.runtime import events as ev
 from lineguard.runtime.audit import AuditLog
 from lineguard.runtime.config import StationConfig
 from lineguard.runtime.config_loader import LoadedSite
+from lineguard.runtime.engine_pool import EnginePool
+from lineguard.runtime.event_commit import EventCommitMixin
+from lineguard.runtime.event_writer import EventWriter
 from lineguard.runtime.mqtt import MqttLink
-from lineguard.runtime.outbox import Outbox, Pending
+from lineguard.runtime.outbox import Outbox
 from lineguard.runtime.publisher import OutboxPublisher
 from lineguard.runtime.threshold_handler import ThresholdCommandsMixin
 
@@ -72,7 +78,7 @@ class _Slot:
     payload_errors: int = 0
 
 
-class Service(ThresholdCommandsMixin):
+class Service(EventCommitMixin, ThresholdCommandsMixin):
     """Runs a site: build with a LoadedSite, then `start()` / `stop()` or `run_forever()`."""
 
     def __init__(
@@ -81,11 +87,27 @@ class Service(ThresholdCommandsMixin):
         station_factory: StationFactory | None = None,
         stdout: TextIO | None = None,
         strict_schemas: bool = False,
+        metrics_port: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.site = loaded.site
         self.topics = ev.Topics(self.site.topic_prefix, self.site.edge_id)
-        self.station_factory = station_factory or _default_station_factory
+        self.station_factory = station_factory or self._default_station
+        inf = self.site.inference
+        self.engines = EnginePool(
+            loaded.stations, inf.cores, inf.streams, inf.threads_per_stream
+        )  # loads nothing until the first station asks
+        self.writer = EventWriter(
+            self.commit_events, max_delay_s=self.site.outbox.group_commit_ms / 1000.0
+        )
+        self.metrics = None
+        m = self.site.metrics
+        if metrics_port is not None or m is not None:
+            from lineguard.runtime.metrics import RuntimeMetrics  # prometheus_client: only if on
+
+            host = m.host if m is not None else "0.0.0.0"
+            port = metrics_port if metrics_port is not None else m.port
+            self.metrics = RuntimeMetrics(self, host, port)
         self.stdout = stdout if stdout is not None else sys.stdout
         self.strict_schemas = strict_schemas
         self.slots = {s.station_id: _Slot(s) for s in loaded.stations}
@@ -129,6 +151,9 @@ class Service(ThresholdCommandsMixin):
             for topic in self._by_set_topic:
                 self.link.subscribe(topic)
         self.outbox = Outbox(o.path, o.max_events, o.max_age_h)
+        self.writer.start()
+        if self.metrics is not None:
+            self.metrics.serve()
         if self.link is not None:
             self.publisher = OutboxPublisher(self.outbox, self.link)
             self.publisher.start()
@@ -151,6 +176,8 @@ class Service(ThresholdCommandsMixin):
                 except Exception:
                     log.exception("station %s: stop failed", slot.config.station_id)
             slot.state, slot.reason, slot.state_ts = "offline", "runtime stopped", time.time()
+        self.writer.stop()  # commits every event the stations handed over
+        self.engines.close()
         if self._stats_thread is not None:
             self._stats_thread.join(5.0)
         if self.publisher is not None:
@@ -170,6 +197,8 @@ class Service(ThresholdCommandsMixin):
             self.publisher.flush_acks()  # PUBACKs that arrived while stopping
             if self.outbox.depth():
                 log.info("outbox: %d message(s) kept for the next start", self.outbox.depth())
+        if self.metrics is not None:
+            self.metrics.close()
         if self.outbox is not None:
             self.outbox.close()
 
@@ -195,61 +224,12 @@ class Service(ThresholdCommandsMixin):
     # -------------------------------------------------------------- from stations (frame threads)
 
     def submit_event(self, station_id: str, payload: dict[str, Any], jpeg: bytes | None) -> None:
-        """Commit a defect event (and its evidence JPEG) to the outbox; no network I/O here.
-
-        The station has already attached the evidence reference (`events.attach_evidence`, with
-        the topic from the service's `evidence_topic`); the JPEG goes on that topic when given.
-        An event JSON cannot carry as built (NaN, infinity) is committed anyway, with those
-        values null and listed in its `payload_errors`; the error is counted (stats
-        `payload_errors`) and reported on the station's status.
-        """
-        cfg = self.slots[station_id].config
-        try:
-            data = ev.encode(payload)
-        except (TypeError, ValueError) as exc:
-            payload, problems = ev.sanitize(payload)
-            payload["payload_errors"] = problems or [f"(payload): {exc}"]
-            data = ev.encode(payload)
-            self._payload_error(station_id, payload["payload_errors"])
-        event_id = payload.get("event_id") or ev.new_event_id()
-        evidence = payload.get("evidence") or {}
-        if jpeg and not evidence:
-            topic = self.topics.evidence(cfg.line_id, cfg.station_id, event_id)
-            evidence = ev.attach_evidence(payload, jpeg, topic=topic, path=None)["evidence"]
-            data = ev.encode(payload)
-        rows = [Pending(self.topics.defect(cfg.line_id, cfg.station_id), data, 1, False, event_id)]
-        if jpeg and evidence.get("topic"):
-            rows.append(Pending(evidence["topic"], jpeg, 1, False, event_id))
-        self.outbox.put_many(rows)
-        if self.publisher is not None:
-            self.publisher.wake()
-        else:
-            with self._stdout_lock:
-                self.stdout.write(data.decode("utf-8") + "\n")
-                self.stdout.flush()
-        errors = ev.schema_errors("defect", payload)
-        if errors:  # checked after the commit: a schema slip never costs the event
-            self._schema_failures += 1
-            log.error("station %s: defect payload breaks its schema: %s", station_id, errors)
-            if self.strict_schemas:
-                raise ValueError("; ".join(errors))
-
-    def _payload_error(self, station_id: str, problems: list[str]) -> None:
-        slot = self.slots[station_id]
-        slot.payload_errors += 1
-        log.error(
-            "station %s: event payload not JSON as built, committed with nulls: %s",
-            station_id,
-            "; ".join(problems),
-        )
-        reason = (
-            f"{slot.payload_errors} event(s) held values JSON cannot carry, sent with null "
-            f"(last: {problems[0][:200]})"
-        )
-        try:
-            self.set_status(station_id, slot.state, reason)
-        except Exception:
-            log.exception("station %s: status for a payload error failed", station_id)
+        """Commit one defect event (and its evidence JPEG) to the outbox on the caller's thread;
+        no network I/O here. With `strict_schemas`, a payload that breaks its schema raises
+        (after the commit: a schema slip never costs the event)."""
+        errors = self.commit_events([(station_id, payload, jpeg)])
+        if errors and self.strict_schemas:
+            raise ValueError("; ".join(errors))
 
     def set_status(self, station_id: str, state: str, reason: str = "") -> None:
         """Station state changed (online / offline / camera-lost): publish it retained."""
@@ -310,6 +290,28 @@ class Service(ThresholdCommandsMixin):
             return
         self.handle_threshold_command(station_id, payload, retained)
 
+    def _default_station(
+        self,
+        config: StationConfig,
+        edge_id: str,
+        on_event: OnEvent,
+        on_status: OnStatus,
+        evidence_topic: EvidenceTopic,
+    ) -> StationLike:
+        """A real station on the shared engine, its events through the writer thread."""
+        from lineguard.runtime.station import Station  # loads the inference engine
+
+        return Station(
+            config,
+            edge_id=edge_id,
+            on_event=on_event,
+            on_status=on_status,
+            evidence_topic=evidence_topic,
+            engine=self.engines.station_engine(config),
+            writer=self.writer,
+            metrics=None if self.metrics is None else self.metrics.station(config),
+        )
+
     # -------------------------------------------------------------- stats
 
     def stats_messages(self) -> list[tuple[str, dict[str, Any]]]:
@@ -349,24 +351,6 @@ class Service(ThresholdCommandsMixin):
                     self._publish_now(topic, payload, retain=False, qos=0)
             except Exception:  # logged, and tried again next interval
                 log.exception("stats: failed")
-
-
-def _default_station_factory(
-    config: StationConfig,
-    edge_id: str,
-    on_event: OnEvent,
-    on_status: OnStatus,
-    evidence_topic: EvidenceTopic,
-) -> StationLike:
-    from lineguard.runtime.station import Station  # loads the inference engine
-
-    return Station(
-        config,
-        edge_id=edge_id,
-        on_event=on_event,
-        on_status=on_status,
-        evidence_topic=evidence_topic,
-    )
 
 
 def service_paths(loaded: LoadedSite) -> dict[str, Path]:

@@ -2,8 +2,11 @@
 thread → decision → debounce → event, reported to the service through two callbacks.
 
 Threads: the camera's reader thread only captures and enqueues; one inference thread per station
-runs the pipeline. Neither ever waits on the network: `on_event` is expected to write to the
-durable outbox and return (the service publishes from there).
+runs the pipeline. Neither ever waits on the network. Events: with a `writer` (what `lineguard
+run` gives, `event_writer.py`) the inference thread only hands `(frame, decision)` over and the
+writer thread renders the evidence, builds the payload and commits it (group commit); without
+one, `on_event` is called on the inference thread and is expected to commit to the durable
+outbox and return (the service publishes from there).
 
 Queue policy (counted in `stats()["dropped_frames"]`, never silent): when the queue is full a
 live source drops per `queue.drop` ("oldest": the newest frames win, latency stays bounded;
@@ -31,60 +34,18 @@ import numpy as np
 from lineguard.camera import CameraConfigError, Frame, decode_image, open_camera, to_rgb_u8
 from lineguard.runtime import events
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.event_writer import EventJob
 from lineguard.runtime.evidence import EvidenceStore, encode_bounded, render_overlay
+from lineguard.runtime.frame_queue import FrameQueue
 from lineguard.runtime.pipeline import Debouncer, Decision, Pipeline, Thresholds
 from lineguard.runtime.threshold_limits import check_score
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FrameQueue", "Station", "read_prompt"]  # FrameQueue lives in frame_queue.py
+
 EventCallback = Callable[[dict[str, Any], bytes | None], None]
 StatusCallback = Callable[[str, str], None]
-
-
-class FrameQueue:
-    """Bounded FIFO between capture and inference with a drop policy and a drop counter."""
-
-    def __init__(self, size: int, drop: str = "oldest") -> None:
-        if size < 1 or drop not in ("oldest", "newest"):
-            raise ValueError("queue size must be >= 1 and drop 'oldest' or 'newest'")
-        self.size, self.drop = size, drop
-        self.dropped = 0
-        self._items: deque = deque()
-        self._cv = threading.Condition()
-        self._closed = False
-
-    def put(self, item: Any, block: bool = False) -> None:
-        """Add `item`; when full, wait (block=True, until space or close) or drop one, counted."""
-        with self._cv:
-            if block:
-                self._cv.wait_for(lambda: len(self._items) < self.size or self._closed)
-            if self._closed:
-                self.dropped += 1  # captured while shutting down: discarded, still counted
-                return
-            if len(self._items) >= self.size:
-                self.dropped += 1
-                if self.drop == "newest":
-                    return
-                self._items.popleft()
-            self._items.append(item)
-            self._cv.notify_all()
-
-    def get(self, timeout: float | None = None) -> Any | None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._items or self._closed, timeout)
-            if not self._items:
-                return None
-            item = self._items.popleft()
-            self._cv.notify_all()
-            return item
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 def read_prompt(path: Path, expected_sha256: str | None) -> tuple[np.ndarray, str]:
@@ -124,11 +85,14 @@ class Station:
         engine: Any | None = None,
         evidence_topic: Callable[[str], str] | None = None,
         stats_window_s: float = 10.0,
+        writer: Any | None = None,
+        metrics: Any | None = None,
     ) -> None:
         self.cfg = cfg
         self.station_id, self.line_id, self.edge_id = cfg.station_id, cfg.line_id, edge_id
         self.on_event, self.on_status = on_event, on_status
         self.evidence_topic = evidence_topic
+        self.writer, self.metrics = writer, metrics  # EventWriter, metrics.StationMetrics
         prompt, self.prompt_sha256 = read_prompt(cfg.prompt.image, cfg.prompt.sha256)
         self._owns_engine = engine is None
         if engine is None:
@@ -337,10 +301,47 @@ class Station:
                 self._shadow_counts["frames"] += 1
                 self._shadow_counts["active_defects"] += int(decision.defective)
                 self._shadow_counts["candidate_defects"] += int(decision.shadow_defective)
+        if self.metrics is not None:
+            self.metrics.observe(decision.infer_s, latency)
         if self.debouncer.update(decision.defective, frame.monotonic):
             self._emit(frame, decision, latency)
 
     def _emit(self, frame: Frame, decision: Decision, latency_s: float) -> None:
+        if self.writer is not None:  # off this thread: evidence, payload, commit
+            self.writer.submit(
+                EventJob(
+                    self.station_id,
+                    lambda: self.build_event(frame, decision, latency_s),
+                    self._event_done,
+                )
+            )
+            return
+        try:
+            payload, jpeg = self.build_event(frame, decision, latency_s)
+        except Exception:
+            self.errors += 1
+            log.exception("station %s: event not built", self.station_id)
+            return
+        try:
+            self.on_event(payload, jpeg)
+            self.events += 1
+        except Exception:
+            self.errors += 1
+            log.exception(
+                "station %s: on_event failed for %s", self.station_id, payload["event_id"]
+            )
+
+    def _event_done(self, committed: bool) -> None:
+        """Writer thread, after the group commit: only that thread writes these counters."""
+        if committed:
+            self.events += 1
+        else:
+            self.errors += 1
+
+    def build_event(
+        self, frame: Frame, decision: Decision, latency_s: float
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """The defect payload and the evidence JPEG to publish (None when not on MQTT)."""
         payload = events.defect_payload(
             edge_id=self.edge_id,
             line=self.line_id,
@@ -359,14 +360,7 @@ class Station:
             precision=self.cfg.precision,
         )
         jpeg = self._evidence(frame, decision, payload)
-        try:
-            self.on_event(payload, jpeg if self.cfg.evidence.mqtt else None)
-            self.events += 1
-        except Exception:
-            self.errors += 1
-            log.exception(
-                "station %s: on_event failed for %s", self.station_id, payload["event_id"]
-            )
+        return payload, jpeg if self.cfg.evidence.mqtt else None
 
     def _evidence(self, frame: Frame, decision: Decision, payload: dict) -> bytes | None:
         ev = self.cfg.evidence

@@ -32,15 +32,16 @@ SIZE = 32
 SCALE = 8.0  # raw map units (grey levels) per normalised unit
 
 
-def _graphs(out: Path, size: int) -> None:
+def _graphs(out: Path, size: int, dynamic_batch: bool = False) -> None:
     import onnx
     from onnx import TensorProto, helper
 
     n = size * size
-    tok_shape = helper.make_tensor("tok_shape", TensorProto.INT64, [3], [1, n, 3])
-    map_shape = helper.make_tensor("map_shape", TensorProto.INT64, [4], [1, 1, size, size])
-    img = helper.make_tensor_value_info("image", TensorProto.UINT8, [1, size, size, 3])
-    tok = helper.make_tensor_value_info("prompt_tokens", TensorProto.FLOAT, [1, n, 3])
+    b, lead = ("batch", -1) if dynamic_batch else (1, 1)  # -1: Reshape keeps the batch
+    tok_shape = helper.make_tensor("tok_shape", TensorProto.INT64, [3], [lead, n, 3])
+    map_shape = helper.make_tensor("map_shape", TensorProto.INT64, [4], [lead, 1, size, size])
+    img = helper.make_tensor_value_info("image", TensorProto.UINT8, [b, size, size, 3])
+    tok = helper.make_tensor_value_info("prompt_tokens", TensorProto.FLOAT, [b, n, 3])
     enc = helper.make_graph(
         [
             helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
@@ -74,8 +75,8 @@ def _graphs(out: Path, size: int) -> None:
         "detector",
         [img, tok],
         [
-            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [1, 1, size, size]),
-            helper.make_tensor_value_info("image_score", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [b, 1, size, size]),
+            helper.make_tensor_value_info("image_score", TensorProto.FLOAT, [b]),
         ],
         [tok_shape, map_shape],
     )
@@ -115,19 +116,23 @@ def write_images(folder: Path, images: list[np.ndarray]) -> Path:
     return folder
 
 
-def make_artifact(root: Path, classes=("widget",), size: int = SIZE) -> Path:
+def make_artifact(
+    root: Path, classes=("widget",), size: int = SIZE, dynamic_batch: bool = False
+) -> Path:
     """A valid artifact folder (model.json with sha256 of every file, fp32 ONNX graphs, one
-    golden prompt image per class under prompts/)."""
+    golden prompt image per class under prompts/); `dynamic_batch`: as `export --dynamic-batch`
+    (images and prompt tokens share a dynamic batch axis)."""
     root.mkdir(parents=True, exist_ok=True)
-    _graphs(root, size)
+    _graphs(root, size, dynamic_batch)
+    b: int | str = "batch" if dynamic_batch else 1
     (root / "prompts").mkdir(exist_ok=True)
     prompts = {}
     for cls in classes:
         rel = f"prompts/{cls}.png"
         cv2.imwrite(str(root / rel), cv2.cvtColor(pattern(cls), cv2.COLOR_RGB2BGR))
         prompts[cls] = rel
-    img = TensorSpec(name="image", shape=[1, size, size, 3], dtype="uint8")
-    tok = TensorSpec(name="prompt_tokens", shape=[1, size * size, 3], dtype="float32")
+    img = TensorSpec(name="image", shape=[b, size, size, 3], dtype="uint8")
+    tok = TensorSpec(name="prompt_tokens", shape=[b, size * size, 3], dtype="float32")
     files = ["prompt_encoder.onnx", "detector.onnx", *prompts.values()]
     card = ModelCard(
         name="diff-to-prompt",
@@ -142,8 +147,8 @@ def make_artifact(root: Path, classes=("widget",), size: int = SIZE) -> Path:
         detector=GraphSpec(
             inputs=[img, tok],
             outputs=[
-                TensorSpec(name="anomaly_map", shape=[1, 1, size, size], dtype="float32"),
-                TensorSpec(name="image_score", shape=[1], dtype="float32"),
+                TensorSpec(name="anomaly_map", shape=[b, 1, size, size], dtype="float32"),
+                TensorSpec(name="image_score", shape=[b], dtype="float32"),
             ],
             files={"onnx": "detector.onnx"},
         ),

@@ -1,0 +1,165 @@
+"""The event path off the inference threads: one writer thread per process builds each event
+(evidence JPEG, payload, schema check) and commits them to the outbox in GROUPS.
+
+Why: the evidence encode (a few ms) and the outbox commit (SQLite `synchronous=FULL`, one fsync,
+from ~1 ms on an SSD to tens of ms on an SD card) used to run on the station's frame thread,
+so every defective frame stalled inspection. Now a station hands over `(frame, decision)` and
+goes on with the next frame.
+
+Group commit: the writer builds every event handed over, and commits all of them in ONE
+transaction (one fsync) `max_delay_s` after the first of the group was handed over (or when the
+group reaches `max_batch`). So an event waits at most `max_delay_s` (+ its build time) for its
+commit, and under load many events share one fsync: at most 1/`max_delay_s` fsyncs per second
+whatever the event rate. `max_delay_s = 0` commits as soon as nothing more is queued.
+
+Durability is what it was: an event is published only after its commit (the publisher reads the
+outbox, nothing else). What a crash can lose is an event decided in the last `max_delay_s`,
+never one already committed; SIGKILL and broker-outage behaviour of committed events is unchanged.
+Back pressure: the hand-over queue is bounded (`capacity`); when the disk stalls that long, the
+station's frame thread waits (its camera queue then drops frames, counted) rather than losing
+decided events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Built = tuple[str, dict[str, Any], bytes | None]  # station id, payload, evidence JPEG for MQTT
+CommitFn = Callable[[list[Built]], None]
+
+
+@dataclass(slots=True)
+class EventJob:
+    """One decided event: `build` runs on the writer thread, `done(ok)` after the commit."""
+
+    station_id: str
+    build: Callable[[], tuple[dict[str, Any], bytes | None]]
+    done: Callable[[bool], None] | None = None
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class EventWriter:
+    """Single writer thread with group commit (module docstring)."""
+
+    def __init__(
+        self,
+        commit: CommitFn,
+        max_delay_s: float = 0.05,
+        max_batch: int = 256,
+        capacity: int = 1024,
+    ) -> None:
+        if max_delay_s < 0 or max_batch < 1 or capacity < 1:
+            raise ValueError("need max_delay_s >= 0, max_batch >= 1, capacity >= 1")
+        self.commit_fn = commit
+        self.max_delay_s, self.max_batch, self.capacity = max_delay_s, max_batch, capacity
+        self.commits = 0  # transactions (fsyncs) made
+        self.committed = 0  # events in them
+        self.failed = 0  # events lost to a build or commit error (logged)
+        self.waits = 0  # hand-overs that had to wait for room (the disk is too slow)
+        self._jobs: deque[EventJob] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="event-writer", daemon=True)
+
+    # ------------------------------------------------------------ any thread
+    def start(self) -> EventWriter:
+        self._thread.start()
+        return self
+
+    def submit(self, job: EventJob) -> None:
+        """Hand an event over; waits only while `capacity` events are already waiting."""
+        with self._cv:
+            if len(self._jobs) >= self.capacity:
+                self.waits += 1
+                self._cv.wait_for(lambda: len(self._jobs) < self.capacity or self._closed)
+            if self._closed:
+                raise RuntimeError("event writer is stopped")
+            self._jobs.append(job)
+            self._cv.notify_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Build and commit everything handed over so far, then end the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("event writer: %d event(s) not committed at stop", len(self._jobs))
+
+    @property
+    def pending(self) -> int:
+        """Events handed over and not yet committed (for stats and metrics)."""
+        return len(self._jobs)
+
+    # ------------------------------------------------------------ writer thread
+    def _next(self, timeout: float | None) -> EventJob | None:
+        """The next job; None when none came within `timeout` (or stopped and drained)."""
+        with self._cv:
+            if timeout is None:
+                self._cv.wait_for(lambda: self._jobs or self._closed)
+            elif timeout > 0 and not self._jobs:
+                self._cv.wait_for(lambda: self._jobs or self._closed, timeout)
+            if not self._jobs:
+                return None
+            job = self._jobs.popleft()
+            self._cv.notify_all()  # room for a waiting submitter
+            return job
+
+    def _run(self) -> None:
+        while True:
+            first = self._next(None)
+            if first is None:
+                return  # closed and drained
+            group: list[tuple[EventJob, Built]] = []
+            self._build(first, group)
+            deadline = first.queued_at + self.max_delay_s
+            while len(group) < self.max_batch:
+                job = self._next(max(0.0, deadline - time.monotonic()))
+                if job is None:
+                    break
+                self._build(job, group)
+            self._commit(group)
+
+    def _build(self, job: EventJob, group: list[tuple[EventJob, Built]]) -> None:
+        try:
+            payload, jpeg = job.build()
+        except Exception:
+            self.failed += 1
+            log.exception("station %s: event not built", job.station_id)
+            _done(job, False)
+            return
+        group.append((job, (job.station_id, payload, jpeg)))
+
+    def _commit(self, group: list[tuple[EventJob, Built]]) -> None:
+        if not group:
+            return
+        try:
+            self.commit_fn([built for _, built in group])
+        except Exception:
+            self.failed += len(group)
+            log.exception("event writer: commit of %d event(s) failed", len(group))
+            for job, _ in group:
+                _done(job, False)
+            return
+        self.commits += 1
+        self.committed += len(group)
+        for job, _ in group:
+            _done(job, True)
+
+
+def _done(job: EventJob, ok: bool) -> None:
+    if job.done is None:
+        return
+    try:
+        job.done(ok)
+    except Exception:
+        log.exception("station %s: event callback failed", job.station_id)
