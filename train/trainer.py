@@ -406,7 +406,12 @@ def recalibrate(
     if data is not None:
         cfg = cfg.model_copy(update={"data": data})
     td = load_training_data(
-        cfg.data, cfg.model.input_size, cfg.val_fraction, cfg.seed, progress=progress
+        cfg.data,
+        cfg.model.input_size,
+        cfg.val_fraction,
+        cfg.seed,
+        progress=progress,
+        val_min=cfg.val_min,
     )
     if td.fingerprint != ckpt["data_fingerprint"]:
         raise LineGuardError(f"{path}: the data found now is not the data it was trained on")

@@ -5,6 +5,7 @@ their labels, the outbox and threshold gauges are there."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,6 @@ from calibration_fixtures import (
     write_site,
     write_station,
 )
-from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,9 @@ def test_metrics_endpoint_counters_move(tmp_path, mosquitto) -> None:
         write_station(tmp_path / "stations", art, station_id=sid, camera=cam, thresholds=LOW)
     broker = {"host": "127.0.0.1", "port": mosquitto.port}
     site = write_site(tmp_path, "stations/*.yaml", broker=broker)
-    port = free_port()
+    with socket.socket() as sock:  # a free loopback port for /metrics
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     log = open(tmp_path / "runtime.log", "wb")  # noqa: SIM115 - closed below
     cmd = [LINEGUARD, "run", "--site", str(site), "--metrics-port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
