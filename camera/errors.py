@@ -1,4 +1,4 @@
-"""Camera errors. camera/ imports nothing else of ours (docs/architecture.md), so it has its own types;
+"""Camera errors. camera/ imports nothing else of ours (architecture.md), so it has its own types;
 the runtime turns `CameraConfigError` into its user-facing error at the station boundary."""
 
 from __future__ import annotations

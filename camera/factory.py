@@ -1,7 +1,7 @@
 """Build sources and cameras from a `CameraConfig` (runtime/config.py) or a look-alike object.
 
-Only attribute access is used, so this package does not depend on the config models (docs/architecture.md:
-camera imports nothing of ours beyond the shared error type).
+Only attribute access is used, so this package does not depend on the config models
+(architecture.md: camera imports nothing of ours beyond the shared error type).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from lineguard.deploy.health import HealthError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-# JSON Schema of the payload on <prefix>/<edge>/bundle (docs/architecture.md: every payload has one).
+# JSON Schema of the payload on <prefix>/<edge>/bundle (architecture.md: every payload has one).
 SCHEMA_FILE = Path(__file__).parent / "schemas" / "bundle.schema.json"
 
 

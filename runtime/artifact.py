@@ -1,4 +1,5 @@
-"""The model artifact contract (docs/architecture.md): `model.json` schema, shared by compress and runtime.
+"""The model artifact contract (architecture.md): the `model.json` schema, shared by compress and
+runtime.
 
 compress writes it last (an artifact without it is incomplete by definition); runtime reads and
 checks it before loading any graph. Kept free of torch and of any inference library.

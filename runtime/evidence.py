@@ -1,7 +1,8 @@
 """Evidence for an event: a small JPEG (frame + heat map + region boxes), bounded in bytes, and an
 optional on-disk store with retention.
 
-Why bounded: the JPEG travels on MQTT next to the event (docs/architecture.md: never a raw frame in the JSON)
+Why bounded: the JPEG travels on MQTT next to the event (architecture.md: never a raw frame in the
+JSON)
 and sits on edge disks for days; an operator needs to see *where* the defect is, not every pixel.
 `encode_bounded` lowers the JPEG quality, then the size, until the bytes fit.
 """
