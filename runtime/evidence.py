@@ -2,8 +2,8 @@
 optional on-disk store with retention.
 
 Why bounded: the JPEG travels on MQTT next to the event (architecture.md: never a raw frame in the
-JSON)
-and sits on edge disks for days; an operator needs to see *where* the defect is, not every pixel.
+JSON) and sits on edge disks for days; an operator needs to see *where* the defect is, not every
+pixel.
 `encode_bounded` lowers the JPEG quality, then the size, until the bytes fit.
 """
 
