@@ -34,7 +34,7 @@ from lineguard.train.metrics import class_metrics, mean_metrics
 from lineguard.train.pack import open_data
 from lineguard.train.proxy import synthetic_validation
 from lineguard.train.train_config import DataConfig, MvtecSource, TrainConfig
-from lineguard.train.train_data import load_training_data, make_synthesizer
+from lineguard.train.train_data import load_training_data_for, make_synthesizer
 
 
 def _spread(x: np.ndarray, q: float) -> float:
@@ -68,13 +68,8 @@ def main() -> None:
     prompts = [prompt_images(ckpt)[c] for c in classes]
 
     tc = TrainConfig.model_validate(ckpt["train_config"])
-    data = load_training_data(
-        DataConfig(mvtec=[MvtecSource(root=args.data, categories=classes)]),
-        size,
-        tc.val_fraction,
-        tc.seed,
-        progress=False,
-        val_min=tc.val_min,
+    data = load_training_data_for(
+        tc, data=DataConfig(mvtec=[MvtecSource(root=args.data, categories=classes)]), size=size
     )
     if [f"{s.dataset}/{s.rel_path}" for s in data.val] != list(ckpt["split"]["val"]):
         raise SystemExit("the validation split rebuilt from the data differs from the checkpoint's")

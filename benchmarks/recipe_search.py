@@ -37,18 +37,11 @@ def _judge(ckpt_path: Path, spec: str) -> dict:
     from lineguard.train.proxy import proxy_and_calibration, synthetic_validation
     from lineguard.train.synthesis import SynthesisConfig
     from lineguard.train.train_config import TrainConfig
-    from lineguard.train.train_data import load_training_data, make_synthesizer
+    from lineguard.train.train_data import load_training_data_for, make_synthesizer
 
     model, ckpt = load_model(ckpt_path)
     tc = TrainConfig.model_validate(ckpt["train_config"])
-    data = load_training_data(
-        tc.data,
-        tc.model.input_size,
-        tc.val_fraction,
-        tc.seed,
-        progress=False,
-        val_min=tc.val_min,
-    )
+    data = load_training_data_for(tc)
     synth_cfg: dict = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")

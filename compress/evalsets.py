@@ -24,7 +24,7 @@ from lineguard.runtime.errors import LineGuardError
 from lineguard.train.pack import open_data
 from lineguard.train.synthesis import DefectSynthesizer, SynthesisConfig
 from lineguard.train.train_config import DataConfig, MvtecSource, TrainConfig
-from lineguard.train.train_data import TrainingData, load_training_data, make_synthesizer
+from lineguard.train.train_data import TrainingData, load_training_data_for, make_synthesizer
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,7 @@ def normal_data(ckpt: Checkpoint, data: Path | None = None) -> TrainingData:
     tc = train_config(ckpt)
     cfg = data_config(ckpt, data)
     try:
-        td = load_training_data(
-            cfg, ckpt.input_size, tc.val_fraction, tc.seed, progress=False, val_min=tc.val_min
-        )
+        td = load_training_data_for(tc, data=cfg, size=ckpt.input_size)
     except LineGuardError as exc:
         raise LineGuardError(
             f"cannot read the training data of {ckpt.path}: {exc}; pass --data ROOT|PACK"

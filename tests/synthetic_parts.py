@@ -1,7 +1,8 @@
 """Generated parts shared by the learning test and the end-to-end line test.
 
 Two "products" (oriented stripes; blurred grain) a tiny OneNIP can learn in seconds on a CPU,
-and the training recipe for that tiny model.
+the training recipe for that tiny model, and an untrained (random-head) tiny checkpoint for the
+tests that check wiring, not accuracy.
 """
 
 from __future__ import annotations
@@ -49,6 +50,46 @@ def tiny_model_config(input_size: int = 64, **kw) -> OneNIPConfig:
     )
     base.update(kw)
     return OneNIPConfig(**base)
+
+
+def random_checkpoint(path: Path, input_size: int, classes: list[str], prompts: dict) -> Path:
+    """A `lineguard-onenip/1` checkpoint of a narrower tiny OneNIP with a random head (seed 0),
+    identity calibration and no training recipe; `prompts` maps class -> {path, image}."""
+    import torch
+
+    from lineguard.train.checkpoint import save_checkpoint
+    from lineguard.train.torch_model import OneNIP
+
+    cfg = tiny_model_config(
+        input_size, hidden_dim=16, nhead=2, dim_feedforward=32, refiner_channels=4
+    )
+    torch.manual_seed(0)
+    model = OneNIP(cfg).eval()
+    return save_checkpoint(
+        path,
+        {
+            "format": "lineguard-onenip/1",
+            "model_config": cfg.model_dump(mode="json"),
+            "state_dict": model.state_dict(),
+            "train_config": {},
+            "classes": classes,
+            "prompts": prompts,
+            "calibration": {
+                "image": {"center": 0.0, "scale": 1.0},
+                "pixel": {"center": 0.0, "scale": 1.0},
+                "count": 0,
+            },
+            "data_fingerprint": "test",
+            "metrics": {},
+            "epoch": 0,
+        },
+    )
+
+
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    """Write an RGB image (as cv2's BGR), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def tiny_config(data: dict, out: Path, **kw) -> TrainConfig:

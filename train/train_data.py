@@ -19,7 +19,7 @@ from lineguard.train.data import Sample, scan_folder, scan_mvtec, split_validati
 from lineguard.train.pack import Pack, build_pack, load_pack
 from lineguard.train.synthesis import DefectSynthesizer
 from lineguard.train.textures import TextureSource
-from lineguard.train.train_config import DataConfig
+from lineguard.train.train_config import DataConfig, TrainConfig
 
 
 @dataclass
@@ -106,6 +106,26 @@ def load_training_data(
         val_labels=np.array([cls_id[s.category] for s in val], np.int64),
         prompt_index=[int(i) for i in prompt_index],
         fingerprint=pack.fingerprint,
+    )
+
+
+def load_training_data_for(
+    cfg: TrainConfig,
+    progress: bool = False,
+    data: DataConfig | None = None,
+    size: int | None = None,
+) -> TrainingData:
+    """:func:`load_training_data` as the recipe `cfg` builds it (its data sources, model input
+    size, validation fraction, seed and val_min): the same split training made. ``data`` stands
+    in for the recipe's sources where the images are now elsewhere, ``size`` for its input size.
+    """
+    return load_training_data(
+        cfg.data if data is None else data,
+        cfg.model.input_size if size is None else size,
+        cfg.val_fraction,
+        cfg.seed,
+        progress=progress,
+        val_min=cfg.val_min,
     )
 
 

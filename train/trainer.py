@@ -41,7 +41,7 @@ from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import (
     EpochSampler,
     SyntheticDefects,
-    load_training_data,
+    load_training_data_for,
     make_synthesizer,
 )
 
@@ -126,14 +126,7 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.use_bf16 = cfg.bf16 and (self.device.type == "cuda" or cpu_has_bf16())
-        self.data = load_training_data(
-            cfg.data,
-            cfg.model.input_size,
-            cfg.val_fraction,
-            cfg.seed,
-            progress=progress and self.dist.main,
-            val_min=cfg.val_min,
-        )
+        self.data = load_training_data_for(cfg, progress=progress and self.dist.main)
         torch.manual_seed(cfg.seed)
         self.model = OneNIP(cfg.model).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -403,16 +396,7 @@ def recalibrate(
 
     ckpt = read_checkpoint(path)
     cfg = TrainConfig.model_validate(ckpt["train_config"])
-    if data is not None:
-        cfg = cfg.model_copy(update={"data": data})
-    td = load_training_data(
-        cfg.data,
-        cfg.model.input_size,
-        cfg.val_fraction,
-        cfg.seed,
-        progress=progress,
-        val_min=cfg.val_min,
-    )
+    td = load_training_data_for(cfg, progress=progress, data=data)
     if td.fingerprint != ckpt["data_fingerprint"]:
         raise LineGuardError(f"{path}: the data found now is not the data it was trained on")
     if td.classes != list(ckpt["classes"]):

@@ -13,21 +13,15 @@ The threshold comes from `lineguard calibrate` on separate NORMAL frames (never 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import torch
 import yaml
-from synthetic_parts import CLASSES, SIZE, normal_image, tiny_config
+from site_replay import replay_site, stations_ended, write_site
+from synthetic_parts import CLASSES, SIZE, normal_image, tiny_config, write_rgb
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.cli import main as lineguard
@@ -47,11 +41,6 @@ def with_defect(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
     cv2.ellipse(out, (int(c[0]), int(c[1])), axes, 0, 0, 360, colour, -1)
     ys, xs = np.nonzero(np.any(out != img, axis=-1))
     return out, (int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1))
-
-
-def write_rgb(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +75,7 @@ def line(tmp_path_factory):
     return root, art, truths
 
 
-def write_site(root: Path, art: Path, port: int) -> Path:
+def write_line_site(root: Path, art: Path, port: int) -> Path:
     stations = []
     for name in CLASSES:
         station = {
@@ -106,21 +95,12 @@ def write_site(root: Path, art: Path, port: int) -> Path:
         path.parent.mkdir(exist_ok=True)
         path.write_text(yaml.safe_dump(station))
         stations.append(str(path))
-    site = {
-        "edge_id": "edge-test",
-        "broker": {"host": "127.0.0.1", "port": port},
-        "stations": stations,
-        "outbox": {"path": str(root / "outbox.sqlite")},
-        "audit_log": str(root / "audit.jsonl"),
-        "stats_interval_s": 1,
-    }
-    (root / "site.yaml").write_text(yaml.safe_dump(site))
-    return root / "site.yaml"
+    return write_site(root, port, stations)
 
 
 def test_replay_raises_events_on_defects_only(line, mosquitto) -> None:
     root, art, truths = line
-    site = write_site(root, art, mosquitto.port)
+    site = write_line_site(root, art, mosquitto.port)
     for name in CLASSES:  # thresholds from separate normal frames through the station's pipeline
         rc = lineguard(
             [
@@ -145,40 +125,10 @@ def test_replay_raises_events_on_defects_only(line, mosquitto) -> None:
         )
         assert rc == 0
 
-    received: list[tuple[str, bytes]] = []
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
-    connected = threading.Event()
-    sub.on_connect = lambda c, u, f, rc, p: (c.subscribe("lineguard/#", qos=1), connected.set())
-    sub.connect("127.0.0.1", mosquitto.port)
-    sub.loop_start()
-    assert connected.wait(10)
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lineguard.runtime.cli", "run", "--site", str(site)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    received, rc, err = replay_site(
+        site, mosquitto.port, lambda r: stations_ended(r) >= len(CLASSES)
     )
-    try:
-        deadline = time.time() + 120
-
-        def ended() -> int:
-            n = 0
-            for topic, payload in received:
-                if topic.endswith("/status"):
-                    body = json.loads(payload)
-                    n += body.get("state") == "offline" and "end" in body.get("reason", "")
-            return n
-
-        while time.time() < deadline and ended() < len(CLASSES) and proc.poll() is None:
-            time.sleep(0.5)
-        time.sleep(2.0)  # let the publisher drain the last events
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=30)
-        sub.loop_stop()
-    assert proc.returncode == 0, err.decode()[-3000:]
+    assert rc == 0, err
 
     defects = [json.loads(p) for t, p in received if t.endswith("/defect")]
     for topic, payload in received:  # every JSON payload is valid against its schema

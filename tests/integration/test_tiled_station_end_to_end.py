@@ -11,20 +11,14 @@ square-resize pipeline would report.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
-import time
-from pathlib import Path
 
 import cv2
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 import torch
 import yaml
+from site_replay import replay_site, stations_ended, write_site
+from synthetic_parts import random_checkpoint, write_rgb
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.cli import main as lineguard
@@ -36,49 +30,6 @@ from lineguard.runtime.station import read_prompt
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SIZE, W, H = 64, 400, 160
-
-
-def tiny_checkpoint(path: Path, golden: np.ndarray) -> Path:
-    from lineguard.train.checkpoint import save_checkpoint
-    from lineguard.train.torch_model import OneNIP, OneNIPConfig
-
-    cfg = OneNIPConfig(
-        backbone="tf_efficientnet_lite0",
-        input_size=SIZE,
-        hidden_dim=16,
-        nhead=2,
-        dim_feedforward=32,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        refiner_channels=4,
-    )
-    torch.manual_seed(0)
-    model = OneNIP(cfg).eval()
-    small = cv2.resize(golden, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-    return save_checkpoint(
-        path,
-        {
-            "format": "lineguard-onenip/1",
-            "model_config": cfg.model_dump(mode="json"),
-            "state_dict": model.state_dict(),
-            "train_config": {},
-            "classes": ["part"],
-            "prompts": {"part": {"path": "golden.png", "image": small}},
-            "calibration": {
-                "image": {"center": 0.0, "scale": 1.0},
-                "pixel": {"center": 0.0, "scale": 1.0},
-                "count": 0,
-            },
-            "data_fingerprint": "test",
-            "metrics": {},
-            "epoch": 0,
-        },
-    )
-
-
-def write_rgb(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
 def test_lineguard_run_with_a_tiled_station(tmp_path, mosquitto) -> None:
@@ -93,7 +44,9 @@ def test_lineguard_run_with_a_tiled_station(tmp_path, mosquitto) -> None:
     write_rgb(tmp_path / "frames" / "000.png", normal)
     write_rgb(tmp_path / "frames" / "001.png", bad)
 
-    ckpt = tiny_checkpoint(tmp_path / "tiny.pt", golden)
+    small = cv2.resize(golden, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    prompts = {"part": {"path": "golden.png", "image": small}}
+    ckpt = random_checkpoint(tmp_path / "tiny.pt", SIZE, ["part"], prompts)
     art = tmp_path / "artifact"
     assert (
         lineguard(["export", "--checkpoint", str(ckpt), "--out", str(art), "--dynamic-batch"]) == 0
@@ -131,57 +84,10 @@ def test_lineguard_run_with_a_tiled_station(tmp_path, mosquitto) -> None:
 
     station["thresholds"] = t.as_dict()
     (tmp_path / "wide.yaml").write_text(yaml.safe_dump(station))
-    site = {
-        "edge_id": "edge-test",
-        "broker": {"host": "127.0.0.1", "port": mosquitto.port},
-        "stations": [str(tmp_path / "wide.yaml")],
-        "outbox": {"path": str(tmp_path / "outbox.sqlite")},
-        "audit_log": str(tmp_path / "audit.jsonl"),
-        "stats_interval_s": 1,
-    }
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(site))
-
-    received: list[tuple[str, bytes]] = []
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-    sub.on_message = lambda c, u, m: received.append((m.topic, m.payload))
-    connected = threading.Event()
-    sub.on_connect = lambda c, u, f, rc, p: (c.subscribe("lineguard/#", qos=1), connected.set())
-    sub.connect("127.0.0.1", mosquitto.port)
-    sub.loop_start()
-    assert connected.wait(10)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lineguard.runtime.cli",
-            "run",
-            "--site",
-            str(tmp_path / "site.yaml"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    try:
-        deadline = time.time() + 120
-
-        def ended() -> bool:
-            return any(
-                topic.endswith("/status")
-                and json.loads(p).get("state") == "offline"
-                and "end" in json.loads(p).get("reason", "")
-                for topic, p in received
-            )
-
-        while time.time() < deadline and not ended() and proc.poll() is None:
-            time.sleep(0.5)
-        time.sleep(2.0)  # let the publisher drain the last events
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=30)
-        sub.loop_stop()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    assert ended(), err.decode()[-3000:]
+    site = write_site(tmp_path, mosquitto.port, [str(tmp_path / "wide.yaml")])
+    received, rc, err = replay_site(site, mosquitto.port, lambda r: stations_ended(r) >= 1)
+    assert rc == 0, err
+    assert stations_ended(received) >= 1, err
 
     defects = [json.loads(p) for topic, p in received if topic.endswith("/defect")]
     for d in defects:

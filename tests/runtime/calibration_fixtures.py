@@ -11,6 +11,10 @@ painted blob score high.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -30,6 +34,9 @@ from lineguard.runtime.artifact import (
 
 SIZE = 32
 SCALE = 8.0  # raw map units (grey levels) per normalised unit
+LINEGUARD = str(Path(sys.executable).parent / "lineguard")
+LOW = "{image: 0.001, pixel: 0.001, min_area_px: 4}"  # every frame alerts (lowest allowed)
+HIGH = "{image: 100.0, pixel: 100.0, min_area_px: 4}"  # nothing alerts
 
 
 def _graphs(out: Path, size: int, dynamic_batch: bool = False) -> None:
@@ -206,3 +213,22 @@ def write_site(folder: Path, station_glob: str, broker: dict | None = None) -> P
     site = folder / "site.yaml"
     site.write_text("\n".join(lines) + "\n")
     return site
+
+
+@contextmanager
+def lineguard_run(site: Path, log: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """`lineguard run --site SITE ARGS` in its own process, stdout and stderr into LOG; on
+    leaving, SIGTERM (SIGKILL after 15 s) and wait, so `returncode` is set."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [LINEGUARD, "run", "--site", str(site), *args], stdout=out, stderr=out
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

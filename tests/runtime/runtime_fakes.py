@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,38 @@ class ScriptedStation:
         self.on_event(payload, JPEG if with_jpeg else None)
         self.events += 1
         return True
+
+
+class RecordingLink:
+    """Stands in for MqttLink: always connected, remembers what was published."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bool]] = []
+
+    def publish(self, topic, payload, qos=1, retain=False):
+        self.sent.append((topic, payload, retain))
+
+    def json(self, suffix: str) -> list[dict]:
+        return [json.loads(p) for t, p, _ in self.sent if t.endswith(suffix)]
+
+
+@contextmanager
+def linked_service(folder: Path, **service_kw) -> Iterator[Any]:
+    """A started `Service` on a one-station (s1) scripted site written into FOLDER, no broker,
+    publishing into a `RecordingLink`; stopped on leaving."""
+    from lineguard.runtime.service import Service
+
+    site = write_site(folder, None)
+    svc = Service(load_site(site, check_files=False), station_factory=ScriptedStation, **service_kw)
+    svc.start()
+    svc.link = RecordingLink()
+    try:
+        yield svc
+    finally:
+        svc.link = None
+        svc.stop()
 
 
 class Collector:

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
 from calibration_fixtures import (
+    HIGH,
+    LOW,
     defect_image,
+    lineguard_run,
     make_artifact,
     normal_image,
     write_images,
@@ -29,10 +29,6 @@ from lineguard.runtime.audit import AuditLog
 from lineguard.runtime.calibrate_cli import register
 
 pytestmark = pytest.mark.slow
-
-LINEGUARD = str(Path(sys.executable).parent / "lineguard")
-LOW = "{image: 0.001, pixel: 0.001, min_area_px: 4}"  # every frame alerts (lowest allowed)
-HIGH = "{image: 100.0, pixel: 100.0, min_area_px: 4}"  # nothing alerts
 
 
 def _cli(*argv: str) -> int:
@@ -61,34 +57,26 @@ def live(tmp_path, mosquitto):
     broker = {"host": "127.0.0.1", "port": mosquitto.port, "reconnect_min_s": 1}
     site = write_site(tmp_path, "stations/*.yaml", broker=broker)
     sub = Collector("127.0.0.1", mosquitto.port, ["lineguard/#"], client_id="calib-live")
-    log = open(tmp_path / "runtime.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([LINEGUARD, "run", "--site", str(site)], stdout=log, stderr=log)
     try:
-        ok = sub.wait_for(
-            lambda c: all(
-                any(json.loads(p)["state"] == "online" for p in c.by_topic[t])
-                for t in ("lineguard/line1/s1/status", "lineguard/line1/s2/status")
-            ),
-            60,
-        )
-        assert ok, (tmp_path / "runtime.log").read_text()[-3000:]
-        yield {
-            "tmp": tmp_path,
-            "site": site,
-            "s1": s1,
-            "s2": s2,
-            "normal": normal,
-            "sub": sub,
-            "audit": AuditLog(tmp_path / "state" / "audit.jsonl"),
-        }
+        with lineguard_run(site, tmp_path / "runtime.log"):
+            ok = sub.wait_for(
+                lambda c: all(
+                    any(json.loads(p)["state"] == "online" for p in c.by_topic[t])
+                    for t in ("lineguard/line1/s1/status", "lineguard/line1/s2/status")
+                ),
+                60,
+            )
+            assert ok, (tmp_path / "runtime.log").read_text()[-3000:]
+            yield {
+                "tmp": tmp_path,
+                "site": site,
+                "s1": s1,
+                "s2": s2,
+                "normal": normal,
+                "sub": sub,
+                "audit": AuditLog(tmp_path / "state" / "audit.jsonl"),
+            }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         sub.close()
 
 

@@ -9,34 +9,15 @@ import json
 import math
 
 import pytest
-from runtime_fakes import ScriptedStation, write_site
+from runtime_fakes import linked_service
 
 from lineguard.runtime import events as ev
-from lineguard.runtime.config_loader import load_site
-from lineguard.runtime.service import Service
-
-
-class RecordingLink:
-    connected = True
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bool]] = []
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        self.sent.append((topic, payload, retain))
 
 
 @pytest.fixture
 def service(tmp_path):
-    site = write_site(tmp_path, None)
-    svc = Service(
-        load_site(site, check_files=False), station_factory=ScriptedStation, stdout=io.StringIO()
-    )
-    svc.start()
-    svc.link = RecordingLink()
-    yield svc
-    svc.link = None
-    svc.stop()
+    with linked_service(tmp_path, stdout=io.StringIO()) as svc:
+        yield svc
 
 
 @pytest.mark.parametrize("score", [math.inf, math.nan])

@@ -6,16 +6,15 @@ their labels, the outbox and threshold gauges are there."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 from calibration_fixtures import (
+    LOW,
     defect_image,
+    lineguard_run,
     make_artifact,
     write_images,
     write_site,
@@ -24,9 +23,6 @@ from calibration_fixtures import (
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
-
-LINEGUARD = str(Path(sys.executable).parent / "lineguard")
-LOW = "{image: 0.001, pixel: 0.001, min_area_px: 4}"  # every frame alerts (lowest allowed)
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -55,11 +51,8 @@ def test_metrics_endpoint_counters_move(tmp_path, mosquitto) -> None:
     with socket.socket() as sock:  # a free loopback port for /metrics
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = open(tmp_path / "runtime.log", "wb")  # noqa: SIM115 - closed below
-    cmd = [LINEGUARD, "run", "--site", str(site), "--metrics-port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     labels = {"line": "line1", "station": "s1"}
-    try:
+    with lineguard_run(site, tmp_path / "runtime.log", "--metrics-port", str(port)) as proc:
         first = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -89,12 +82,4 @@ def test_metrics_endpoint_counters_move(tmp_path, mosquitto) -> None:
         assert _value(second, "lineguard_broker_connected") == 1.0
         commits = _value(second, "lineguard_outbox_commits_total")
         assert commits and _value(second, "lineguard_outbox_committed_events_total") >= commits
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert proc.returncode == 0, (tmp_path / "runtime.log").read_text()[-3000:]

@@ -8,28 +8,18 @@ import json
 import time
 from datetime import datetime
 
-from runtime_fakes import ScriptedStation, write_site
+from runtime_fakes import RecordingLink, ScriptedStation, write_site
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.config_loader import load_site
 from lineguard.runtime.service import Service
 
 
-class Link:
-    connected = True
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bool]] = []
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        self.sent.append((topic, payload, retain))
-
-
 def test_status_published_before_the_station_reports_has_a_real_time(tmp_path):
     site = write_site(tmp_path, None, stations=("s1", "s2"))
     svc = Service(load_site(site, check_files=False), station_factory=ScriptedStation)
     before = time.time()
-    svc.link = Link()
+    svc.link = RecordingLink()
     svc._on_connected()  # the broker connects before any station has started
     status = [json.loads(p) for t, p, retained in svc.link.sent if t.endswith("/status")]
     assert len(status) == 2 and all(p["state"] == "offline" for p in status)

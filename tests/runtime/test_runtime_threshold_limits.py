@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_fakes import Collector, ScriptedStation, write_site
+from runtime_fakes import Collector, ScriptedStation, linked_service, write_site
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.artifact import Thresholds as CardThresholds
@@ -32,30 +32,10 @@ from lineguard.runtime.threshold_limits import (
 BEFORE = {"image": 1.0, "pixel": 0.8, "min_area_px": 10}
 
 
-class RecordingLink:
-    """Stands in for MqttLink: always connected, remembers what was published."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bool]] = []
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        self.sent.append((topic, payload, retain))
-
-    def json(self, suffix: str) -> list[dict]:
-        return [json.loads(p) for t, p, _ in self.sent if t.endswith(suffix)]
-
-
 @pytest.fixture
 def service(tmp_path):
-    site = write_site(tmp_path, None)
-    svc = Service(load_site(site, check_files=False), station_factory=ScriptedStation)
-    svc.start()
-    svc.link = RecordingLink()
-    yield svc
-    svc.link = None
-    svc.stop()
+    with linked_service(tmp_path) as svc:
+        yield svc
 
 
 def _send(svc: Service, payload, retained: bool = False) -> bool:

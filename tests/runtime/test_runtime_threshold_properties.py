@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from runtime_fakes import ScriptedStation, write_site
+from runtime_fakes import linked_service, write_site
 
 from lineguard.runtime import events as ev
-from lineguard.runtime.config_loader import ConfigError, load_site, load_station
+from lineguard.runtime.config_loader import ConfigError, load_station
 from lineguard.runtime.pipeline import Pipeline, Thresholds
-from lineguard.runtime.service import Service
 from lineguard.runtime.threshold_limits import AREA_MAX, SCORE_MAX
 
 SETTINGS = settings(
@@ -68,30 +67,10 @@ valid = st.fixed_dictionaries(
 commands = st.one_of(commands, valid)
 
 
-class Link:
-    connected = True
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes]] = []
-
-    def publish(self, topic, payload, qos=1, retain=False):
-        self.sent.append((topic, payload))
-
-    def of(self, suffix: str) -> list[dict]:
-        return [json.loads(p) for t, p in self.sent if t.endswith(suffix)]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("site")
-    svc = Service(
-        load_site(write_site(folder, None), check_files=False), station_factory=ScriptedStation
-    )
-    svc.start()
-    svc.link = Link()
-    yield svc
-    svc.link = None
-    svc.stop()
+    with linked_service(tmp_path_factory.mktemp("site")) as svc:
+        yield svc
 
 
 def _not_json(literal: str):
@@ -120,8 +99,8 @@ def test_any_command_is_refused_with_a_message_or_applied_exactly(service, cmd):
     applied = service.handle_threshold_command("s1", _encode(cmd))
     event("applied" if applied else "refused")
     if applied:
-        assert link.of("/threshold/error") == []
-        (state,) = link.of("/threshold/state")
+        assert link.json("/threshold/error") == []
+        (state,) = link.json("/threshold/state")
         want = _expected(START, cmd)
         target = state["shadow"] if cmd.get("shadow") else state["active"]
         for k, v in want.items():
@@ -131,11 +110,11 @@ def test_any_command_is_refused_with_a_message_or_applied_exactly(service, cmd):
         assert len(service.audit.entries()) == audited + 1
         assert ev.schema_errors("threshold_state", state) == []
     else:
-        (error,) = link.of("/threshold/error")
+        (error,) = link.json("/threshold/error")
         assert error["error"] and ev.schema_errors("threshold_error", error) == []
         assert station.thresholds() == START and station.shadow() is None
-        assert link.of("/threshold/state") == [] and len(service.audit.entries()) == audited
-    for _topic, payload in link.sent:  # strict JSON only: no NaN/Infinity literal ever sent
+        assert link.json("/threshold/state") == [] and len(service.audit.entries()) == audited
+    for _topic, payload, _ in link.sent:  # strict JSON only: no NaN/Infinity literal ever sent
         json.loads(payload, parse_constant=_not_json)
     # Whatever happened, a frame scoring above every allowed threshold still alerts.
     assert station.feed(SCORE_MAX + 1.0) is True
@@ -146,7 +125,7 @@ def test_any_command_is_refused_with_a_message_or_applied_exactly(service, cmd):
 def test_any_bytes_get_an_answer(service, raw):
     service.link.sent.clear()
     applied = service.handle_threshold_command("s1", raw)
-    assert applied or not raw or len(service.link.of("/threshold/error")) == 1
+    assert applied or not raw or len(service.link.json("/threshold/error")) == 1
 
 
 yaml_values = st.one_of(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic_parts import random_checkpoint
 from torch import nn
 
 from lineguard.runtime.errors import LineGuardError
@@ -236,43 +237,6 @@ def test_random_prompts_and_retrieval(dataset):
         assert res["retrieval"]["per_class"][cls] == pytest.approx(res["per_class"][cls])
 
 
-def _tiny_checkpoint(path: Path, classes, prompts) -> Path:
-    from lineguard.train.checkpoint import save_checkpoint
-    from lineguard.train.torch_model import OneNIP, OneNIPConfig
-
-    cfg = OneNIPConfig(
-        backbone="tf_efficientnet_lite0",
-        input_size=SIZE,
-        hidden_dim=16,
-        nhead=2,
-        dim_feedforward=32,
-        num_encoder_layers=1,
-        num_decoder_layers=1,
-        refiner_channels=4,
-    )
-    torch.manual_seed(0)
-    model = OneNIP(cfg).eval()
-    return save_checkpoint(
-        path,
-        {
-            "format": "lineguard-onenip/1",
-            "model_config": cfg.model_dump(mode="json"),
-            "state_dict": model.state_dict(),
-            "train_config": {},
-            "classes": classes,
-            "prompts": prompts,
-            "calibration": {
-                "image": {"center": 0.0, "scale": 1.0},
-                "pixel": {"center": 0.0, "scale": 1.0},
-                "count": 0,
-            },
-            "data_fingerprint": "test",
-            "metrics": {},
-            "epoch": 0,
-        },
-    )
-
-
 def test_cli_evaluate_real_onenip(dataset, tmp_path, capsys):
     """The real (untrained, tiny) OneNIP through a checkpoint and `lineguard evaluate`."""
     from lineguard.runtime.cli import main
@@ -280,8 +244,9 @@ def test_cli_evaluate_real_onenip(dataset, tmp_path, capsys):
 
     pack = open_data(dataset, SIZE, progress=False)
     golden = next(i for i, s in enumerate(pack.samples) if s.rel_path == "blue/train/good/002.png")
-    ckpt = _tiny_checkpoint(
+    ckpt = random_checkpoint(
         tmp_path / "tiny.pt",
+        SIZE,
         sorted(COLOURS),
         {"blue": {"path": "blue/train/good/002.png", "image": pack.images[golden]}},
     )

@@ -9,7 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from test_train_evaluate import SIZE, StandIn, _tiny_checkpoint
+from synthetic_parts import random_checkpoint
+from test_train_evaluate import SIZE, StandIn
 
 from lineguard.runtime.tiling import TilingConfig, make_grid
 from lineguard.train.data import scan_mvtec
@@ -80,7 +81,7 @@ def test_tiled_evaluation_refuses_packs_and_extras(wide, tmp_path):
 def test_cli_evaluate_tiled_with_a_real_onenip(wide, tmp_path, capsys):
     from lineguard.runtime.cli import main
 
-    ckpt = _tiny_checkpoint(tmp_path / "tiny.pt", ["strip"], {})
+    ckpt = random_checkpoint(tmp_path / "tiny.pt", SIZE, ["strip"], {})
     rc = main(
         [
             "evaluate",
