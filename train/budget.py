@@ -55,6 +55,7 @@ class BudgetClock:
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.02
     evals: int = 8
+    closing_evals: int = 1  # evaluations after the last step (final proxy, map-blur choice)
     start: float = field(default_factory=time.perf_counter)
     max_step_s: float = 0.0
     max_eval_s: float = 0.0
@@ -93,8 +94,8 @@ class BudgetClock:
         return False
 
     def must_stop(self) -> bool:
-        """Stop when one more step and the closing evaluation would not fit in the budget."""
-        reserve = 1.5 * self.max_step_s + 1.2 * self.max_eval_s
+        """Stop when one more step and the closing evaluations would not fit in the budget."""
+        reserve = 1.5 * self.max_step_s + 1.2 * self.closing_evals * self.max_eval_s
         return self.left() <= reserve
 
     def describe(self) -> str:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lineguard.train.budget import BudgetClock
 from lineguard.train.checkpoint import save_checkpoint
+from lineguard.train.proxy import BLUR_SIGMAS
 
 if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
@@ -44,7 +45,11 @@ class _Run:
         assert cfg.budget is not None
         self.tr = tr
         self.clock = BudgetClock(
-            cfg.budget, cfg.warmup_fraction, cfg.min_lr_fraction, cfg.proxy_evals
+            cfg.budget,
+            cfg.warmup_fraction,
+            cfg.min_lr_fraction,
+            cfg.proxy_evals,
+            closing_evals=1 + len(BLUR_SIGMAS),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -180,9 +185,11 @@ def fit_budget(tr: Trainer) -> Path:
         assert run.best_state is not None
         tr.model.load_state_dict(run.best_state)
         tr.calibration = run.best_calibration
+        blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
         tr.wall_time = clock.elapsed()
         tr.metrics = run.metrics()
         tr.metrics["wall_time_s"] = round(tr.wall_time, 2)
+        tr.metrics["map_blur"] = blur
         save_checkpoint(out_dir / "final.pt", tr.payload(run.best_point.get("epoch", 0)))
     bar.n = bar.total
     bar.close()

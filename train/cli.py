@@ -94,10 +94,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser(
         "recalibrate",
-        help="re-measure a checkpoint's fusion scale and score normalisation (no training)",
+        help="re-choose a checkpoint's map smoothing and re-measure its fusion scale and score "
+        "normalisation on validation data (no training)",
         description=(
-            "Rebuild the checkpoint's normal validation split from its own recipe, re-measure the "
-            "map-fusion scale c and the score normalisation on it with the golden prompts, and "
+            "Rebuild the checkpoint's normal validation split from its own recipe, choose the map "
+            "smoothing (Gaussian σ) by the validation proxy, re-measure the map-fusion scale c "
+            "and the score normalisation on it with the golden prompts, and "
             "write the checkpoint again (atomically). For checkpoints from an older calibration "
             "rule. The data must be the data it was trained on (same fingerprint)."
         ),

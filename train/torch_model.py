@@ -55,6 +55,13 @@ class OneNIPConfig(BaseModel):
     refiner_channels: int = Field(128, ge=1, title="refiner width")
     fusion_alpha: float = Field(0.5, ge=0.0, le=1.0, title="weight of the refiner map in fusion")
     score_pool: int = Field(16, ge=1, title="average-pool size before the image-score max")
+    map_blur_sigma: float = Field(
+        0.0,
+        ge=0.0,
+        title="Gaussian σ (input pixels) smoothing both maps; 0 = none",
+        description="Chosen after training on the validation proxy (train/proxy.py), like the "
+        "fusion scale; inside the exported detector it is two constant matrix products.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OneNIPConfig:
@@ -74,6 +81,18 @@ class OneNIPConfig(BaseModel):
     @property
     def grid(self) -> int:
         return self.input_size // NECK_STRIDE
+
+
+def gaussian_matrix(n: int, sigma: float) -> torch.Tensor:
+    """``n×n`` matrix G with ``G @ x @ G.T`` = Gaussian smoothing of an n×n map (σ in pixels).
+
+    Truncated at 4σ and each row renormalised, so borders are not darkened and a constant map
+    stays constant. Linear: smoothing the two maps then fusing equals smoothing the fused map.
+    """
+    idx = torch.arange(n, dtype=torch.float64)
+    d = idx[:, None] - idx[None, :]
+    w = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= 4.0 * sigma)
+    return (w / w.sum(dim=1, keepdim=True)).float()
 
 
 def neighbor_mask(h: int, w: int, k: int) -> torch.Tensor:
@@ -207,7 +226,24 @@ class OneNIP(nn.Module):
         self.register_buffer("attn_mask", neighbor_mask(h, h, cfg.neighbor_size // 2), False)
         # c in (1-α)·S_rec + α·c·M̂; set by the trainer from NORMAL validation images.
         self.register_buffer("fusion_scale", torch.tensor(1.0))
+        self.set_map_blur(cfg.map_blur_sigma)
         self._init_weights()
+
+    def set_map_blur(self, sigma: float) -> None:
+        """Smooth both maps with a Gaussian of ``sigma`` input pixels from now on (0 = off);
+        recorded in ``cfg`` so checkpoints and exported graphs carry it."""
+        self.cfg.map_blur_sigma = float(sigma)
+        g = gaussian_matrix(self.cfg.input_size, sigma) if sigma > 0 else None
+        if g is not None and hasattr(self, "fusion_scale"):
+            g = g.to(self.fusion_scale.device)
+        self.register_buffer("blur_matrix", g, persistent=False)
+
+    def smooth(self, amap: torch.Tensor) -> torch.Tensor:
+        """``B×1×S×S`` map smoothed by :meth:`set_map_blur`'s Gaussian (identity when off)."""
+        if self.blur_matrix is None:
+            return amap
+        g = self.blur_matrix.to(amap.dtype)
+        return g @ amap @ g.transpose(0, 1)
 
     def _init_weights(self) -> None:
         """xavier_uniform on every conv/linear of the head, zero bias; embeddings U[0, 1)."""
@@ -288,7 +324,7 @@ class OneNIP(nn.Module):
         feats = self.features(images)
         rec = self.reconstruct(self.encode(self.tokens(feats)), prompt_tokens)
         m_hat = torch.sigmoid(self.refine_logit((rec - feats).abs(), upsample))
-        return self.rec_map(rec, feats, upsample), m_hat
+        return self.smooth(self.rec_map(rec, feats, upsample)), self.smooth(m_hat)
 
     def anomaly_map(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up

@@ -35,7 +35,11 @@ from lineguard.train.checkpoint import (
     save_checkpoint,
 )
 from lineguard.train.losses import onenip_loss
-from lineguard.train.proxy import proxy_and_calibration, synthetic_validation
+from lineguard.train.proxy import (
+    choose_map_blur,
+    proxy_and_calibration,
+    synthetic_validation,
+)
 from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import (
@@ -152,7 +156,10 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
-        if ckpt["model_config"] != self.cfg.model.model_dump(mode="json"):
+        # the map smoothing is chosen after training (on validation), not part of what trains
+        mine = self.cfg.model.model_dump(mode="json", exclude={"map_blur_sigma"})
+        theirs = {k: v for k, v in ckpt["model_config"].items() if k != "map_blur_sigma"}
+        if theirs != mine:
             raise LineGuardError(f"{path}: its model config differs from this run's `model:`")
         if ckpt["data_fingerprint"] != self.data.fingerprint:
             raise LineGuardError(f"{path}: trained on other data (fingerprint differs)")
@@ -289,7 +296,7 @@ class Trainer:
             if self.dist.main:
                 _append_log(out_dir / "train_log.jsonl", row)
                 if due or last:
-                    self._checkpoint(out_dir / "last.pt", epoch + 1)
+                    self._checkpoint(out_dir / "last.pt", epoch + 1, final=epoch + 1 == cfg.epochs)
             if self.dist.world > 1:
                 dist.barrier()
         bar.close()
@@ -322,6 +329,15 @@ class Trainer:
         )
         return proxy
 
+    def choose_map_blur(self) -> dict:
+        """Pick the map smoothing on validation (:func:`choose_map_blur`); calibrates with it."""
+        if self._val_defects is None:
+            self._val_defects = synthetic_validation(self.data, self.synth, self.cfg.seed)
+        proxy, self.calibration, tried = choose_map_blur(
+            self.model, self.data, self._val_defects, self.device
+        )
+        return {"sigma": self.model.cfg.map_blur_sigma, "val_proxy": proxy, "tried": tried}
+
     def payload(self, epoch: int, extra_metrics: dict | None = None) -> dict:
         """The checkpoint dict of the model as it is now (calibration must be current)."""
         data = self.data
@@ -337,11 +353,14 @@ class Trainer:
             },
         }
 
-    def _checkpoint(self, path: Path, epoch: int) -> None:
-        """Calibrate on normal validation images, then write the checkpoint atomically."""
+    def _checkpoint(self, path: Path, epoch: int, final: bool = False) -> None:
+        """Calibrate on normal validation images, then write the checkpoint atomically. The
+        final one also chooses the map smoothing on validation."""
         proxy = self.evaluate_proxy()
+        blur = self.choose_map_blur() if final else None
         self.metrics = {
             **proxy,
+            **({"map_blur": blur} if blur else {}),
             **{f"train_{k}": v for k, v in self.history[-1].items() if k not in ("epoch",)},
             "seconds_per_epoch": self.wall_time / max(len(self.history), 1),
             "run_wall_s": time.perf_counter() - self.t_start,  # this invocation, setup included
@@ -385,8 +404,10 @@ def recalibrate(
     data: DataConfig | None = None,
     device: str = "cpu",
     progress: bool = True,
+    choose_blur: bool = True,
 ) -> dict:
-    """Re-measure a checkpoint's fusion scale and score normalisation (no training).
+    """Re-measure a checkpoint's map smoothing, fusion scale and score normalisation (no
+    training).
 
     For checkpoints written by an older calibration rule, or after changing it. The normal
     validation split is rebuilt from the checkpoint's own recipe (``data`` overrides where the
@@ -407,9 +428,17 @@ def recalibrate(
     images, labels, source = td.val_images, td.val_labels, "val"
     if len(images) == 0:
         images, labels, source = td.train_images, td.train_labels, "train"
-    calib = calibrate(model, images, labels, prompts, device, source)
+    ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
+    if source == "val" and choose_blur:
+        defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
+        _, calib, tried = choose_map_blur(model, td, defects, device)
+        sigma = model.cfg.map_blur_sigma
+        ckpt["model_config"] = {**ckpt["model_config"], "map_blur_sigma": sigma}
+        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "map_blur_sigma": sigma}
+        ckpt["metrics"]["map_blur"] = {"sigma": sigma, "tried": tried}
+    else:
+        calib = calibrate(model, images, labels, prompts, device, source)
     ckpt["calibration"] = calib
     ckpt["state_dict"]["fusion_scale"] = model.fusion_scale.detach().cpu().clone()
-    ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
     save_checkpoint(out or path, ckpt)
     return calib

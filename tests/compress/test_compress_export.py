@@ -170,3 +170,29 @@ def test_gate_sets_from_checkpoint_alone_and_from_validation(checkpoint):
     assert len(val) == 4 * len(td.val_images)
     assert (val.labels == 0).sum() == len(td.val_images)
     assert "never" not in val.description and "validation" in val.description
+
+
+def test_map_smoothing_travels_into_the_exported_detector(checkpoint, tmp_path):
+    """A checkpoint whose map smoothing was chosen (σ 2) exports a detector that smooths alike."""
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    raw["model_config"] = {**raw["model_config"], "map_blur_sigma": 2.0}
+    blurred = tmp_path / "blurred.pt"
+    torch.save(raw, blurred)
+    art = tmp_path / "art"
+    export_artifact(ExportOptions(checkpoint=blurred, out=art, force=True))
+    ckpt = load_checkpoint(blurred)
+    model = ckpt.build_model()
+    assert model.blur_matrix is not None
+    engine = load_engine(art, backend="onnxruntime", precision="fp32", threads=2)
+    frame = _frames(1, ckpt.input_size, seed=3)
+    prompt = ckpt.prompts[ckpt.classes[0]]
+    with torch.no_grad():
+        tok = model.encode_prompt(to_model_input(torch.from_numpy(prompt[None])))
+        ref_map, _ = model.detect(to_model_input(torch.from_numpy(frame)), tok)
+        model.set_map_blur(0.0)
+        sharp, _ = model.detect(to_model_input(torch.from_numpy(frame)), tok)
+    amap, _ = engine.detect(frame[0], engine.encode_prompt(prompt))
+    span = float(ref_map.max() - ref_map.min())
+    assert np.abs(amap - ref_map[0, 0].numpy()).max() <= 1e-4 * span
+    # and the smoothing really happened: the blurred map is flatter than the sharp one
+    assert float(ref_map.std()) < float(sharp.std())

@@ -20,8 +20,21 @@ from lineguard.train.auto_recipe import default_recipe
 from lineguard.train.budget import BudgetClock, lr_factor, parse_budget
 from lineguard.train.checkpoint import read_checkpoint
 from lineguard.train.data import Sample, split_validation, validation_count
+from lineguard.train.torch_model import gaussian_matrix
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.trainer import Trainer
+
+
+def test_gaussian_matrix_smooths_without_darkening_borders() -> None:
+    g = gaussian_matrix(32, 2.0)
+    assert torch.allclose(g.sum(dim=1), torch.ones(32))
+    const = torch.full((1, 1, 32, 32), 3.0)
+    assert torch.allclose(g @ const @ g.T, const)
+    spike = torch.zeros(1, 1, 32, 32)
+    spike[0, 0, 16, 16] = 1.0
+    out = g @ spike @ g.T
+    assert out.argmax() == 16 * 32 + 16 and out.max() < 0.1  # spread around the spike
+    assert out[0, 0, 16, 16 + 9] == 0  # truncated beyond 4σ
 
 
 @pytest.mark.parametrize(
@@ -133,15 +146,22 @@ def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -
     proxies = [p["val_proxy"] for p in curve]
     assert all(0.0 <= p <= 1.0 for p in proxies)
     assert m["val_proxy"] == max(proxies) == m["best"]["val_proxy"]
+    # then the map smoothing was chosen on validation: the σ with the best proxy
+    blur = m["map_blur"]
+    tried = {float(k): v["val_proxy"] for k, v in blur["tried"].items()}
+    assert blur["sigma"] == max(tried, key=tried.get) == ckpt["model_config"]["map_blur_sigma"]
     # the shipped weights are those evaluated at the best point: best.pt holds the same
     best = read_checkpoint(tmp_path / "out" / "best.pt")
     for key, value in ckpt["state_dict"].items():
-        assert torch.equal(value, best["state_dict"][key]), key
+        if key != "fusion_scale":  # re-measured with the chosen smoothing
+            assert torch.equal(value, best["state_dict"][key]), key
     # the split is recorded: 4 validation images per class, none of them trained on
     assert len(ckpt["split"]["val"]) == 2 * 4
     assert not set(ckpt["split"]["val"]) & set(ckpt["split"]["train"])
-    # re-scoring the shipped model gives the best point's proxy again
-    assert math.isclose(trainer.evaluate_proxy()["val_proxy"], m["val_proxy"], abs_tol=1e-6)
+    # re-scoring the shipped model (weights of the best point, chosen smoothing) agrees
+    assert math.isclose(
+        trainer.evaluate_proxy()["val_proxy"], blur["val_proxy"]["val_proxy"], abs_tol=1e-6
+    )
     # the lr followed the budget down to its floor, and the model learned something
     assert curve[-1]["lr"] < 0.2 * cfg.lr
     assert max(proxies) > 0.6
