@@ -96,6 +96,7 @@ def main() -> None:
         "peers": {m: dict(zip(KEYS, v, strict=True)) for m, v in PEERS[args.dataset].items()},
         "targets": TARGETS.get(args.dataset),
         "val_proxy": metrics.get("val_proxy"),
+        "map_blur": metrics.get("map_blur"),
         "kept": metrics.get("best"),
         "curve": [
             {

@@ -53,15 +53,23 @@ class ParityBudget(BaseModel):
 
 
 class AccuracyBudget(BaseModel):
-    """Largest tolerated INT8 metric drop against FP32 (fractions: 0.005 = 0.5 points)."""
+    """Largest tolerated INT8 metric drop against FP32 (fractions: 0.005 = 0.5 points).
+
+    The class mean has the tight budgets; each class has its own, wider ones, because a class's
+    figures rest on a twelfth of a 12-class gate set: with 8 normal validation images and 32
+    synthetic defects a class's image AUROC moves in steps of 0.4 pt (one swapped pair), so
+    1 pt = two pairs. 1.5 pt of pixel AP still catches a class losing 1.56 pt behind a passing
+    mean (the case that made the gate per class).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    image_auroc: float = Field(
-        0.005, ge=0, title="max drop of image AUROC (class mean and each class)"
-    )
-    pixel_ap: float = Field(0.01, ge=0, title="max drop of pixel AP (class mean and each class)")
-    aupro: float = Field(0.01, ge=0, title="max drop of AUPRO (class mean and each class)")
+    image_auroc: float = Field(0.005, ge=0, title="max drop of the class-mean image AUROC")
+    pixel_ap: float = Field(0.01, ge=0, title="max drop of the class-mean pixel AP")
+    aupro: float = Field(0.01, ge=0, title="max drop of the class-mean AUPRO")
+    class_image_auroc: float = Field(0.01, ge=0, title="max drop of any one class's image AUROC")
+    class_pixel_ap: float = Field(0.015, ge=0, title="max drop of any one class's pixel AP")
+    class_aupro: float = Field(0.02, ge=0, title="max drop of any one class's AUPRO")
 
 
 @dataclass
@@ -223,13 +231,18 @@ def _drop_miss(
     return None
 
 
+METRIC_BUDGET_KEYS = ("image_auroc", "pixel_ap", "aupro")
+
+
 def check_accuracy(figures: dict[str, float], budget: AccuracyBudget, evaluated_on: str) -> None:
     """Raise GateError when a drop exceeds its budget, for the class mean or any class, or is
     undefined (NaN), naming each miss."""
     misses: list[str] = []
     scopes = [("", ""), *((f"{CLASS_PREFIX}{c}.", f"class {c}: ") for c in _gate_classes(figures))]
-    for key, limit in budget.model_dump().items():
+    limits = budget.model_dump()
+    for key in METRIC_BUDGET_KEYS:
         for prefix, where in scopes:
+            limit = limits[f"class_{key}"] if prefix else limits[key]
             miss = _drop_miss(figures, prefix, key, limit, where)
             if miss:
                 misses.append(miss)
