@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+MIN_SCORES = 20  # the tail fit's minimum (runtime/calibration.py); fewer held-out: train/good
 
 
 def _station(cls: str, dataset: str, artifact: Path, prompt: Path, engine: str, precision: str):
@@ -91,11 +92,10 @@ def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) 
     from lineguard.runtime.calibration_report import make_report
     from lineguard.runtime.calibration_scoring import ScoreSet, folder_frames
 
-    folder = (
-        args.held_out.get(cls, root / cls / "train" / "good")
-        if args.held_out
-        else (root / cls / "train" / "good")
-    )
+    folder, frames_from = root / cls / "train" / "good", "train/good (seen in training)"
+    held = args.held_out.get(cls)
+    if held is not None and len(list(held.iterdir())) >= MIN_SCORES:
+        folder, frames_from = held, "held out from training (validation split)"
     normal = scorer.score_all(folder_frames(folder), True, f"{cls} calibration frames")
     report = make_report(
         station={"id": scorer.cfg.station_id, "line": scorer.cfg.line_id},
@@ -133,7 +133,8 @@ def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) 
         "estimate": report["image"]["estimate"],
         "margin": report["image"]["margin"],
         "method": report["image"]["method"],
-        "train_good": len(normal),
+        "calibration_frames": len(normal),
+        "calibration_frames_from": frames_from,
         "test_good": len(good),
         "test_defective": len(bad),
         "train_alarm_rate": report["normal"]["at_proposed"]["normal_alarm_rate"],
@@ -223,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "decision": "image score >= image_threshold and a region >= min_area_px at the pixel "
         "threshold (the runtime's rule)",
         "calibration_frames": (
-            f"the normal images held out from training by {held_out_from.name} (its validation "
-            "split, never trained on; ~max(10 %, 8) per class)"
+            f"per station: the normal images held out from training by {held_out_from.name} "
+            f"(its validation split, never trained on) where there are >= {MIN_SCORES}, else "
+            "all train/good (see calibration_frames_from)"
             if held_out_from
             else "all train/good images (seen in training)"
         ),
