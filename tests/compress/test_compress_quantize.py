@@ -24,6 +24,9 @@ from lineguard.compress.schemes import (
 from lineguard.runtime.artifact import load_card
 from lineguard.runtime.engine import load_engine
 
+#: every budget open (mean and per class): for tests of the ladder, not of the gate
+OPEN = AccuracyBudget(**dict.fromkeys(AccuracyBudget.model_fields, 1.0))
+
 
 def test_int8_artifact_loads_runs_and_is_smaller(int8_artifact):
     card = load_card(int8_artifact, verify=True)  # every file, INT8 ones included, hashed
@@ -187,7 +190,7 @@ def test_ladder_keeps_the_first_scheme_that_passes(artifact, int8_artifact, tmp_
         calls.append(figures)
         if len(calls) <= 4:  # both presets x both float-ops precisions of the full scheme
             raise GateError("refused for the test")
-        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0, aupro=1.0), evaluated_on)
+        real(figures, OPEN, evaluated_on)
 
     monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_full)
     quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))
@@ -221,7 +224,7 @@ def test_float_ops_fallback_keeps_the_same_int8_model(artifact, tmp_path, monkey
         calls.append(figures)
         if len(calls) == 1:
             raise GateError("refused for the test")
-        real(figures, AccuracyBudget(image_auroc=1.0, pixel_ap=1.0, aupro=1.0), evaluated_on)
+        real(figures, OPEN, evaluated_on)
 
     monkeypatch.setattr(quantize_mod, "check_accuracy", refuse_bf16)
     quantize_artifact(QuantizeOptions(artifact=out, calib_images=8))

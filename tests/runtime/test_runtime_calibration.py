@@ -525,7 +525,7 @@ def test_calibration_benchmark_on_a_tiny_dataset(tmp_path):
     assert result["target_far"] == 0.01 and set(result["per_station"]) == {"widget", "gadget"}
     for r in result["per_station"].values():
         assert {"image_threshold", "test_fpr", "test_recall"} <= set(r)
-        assert r["train_good"] == 60 and r["test_good"] == 30 and r["test_defective"] == 12
+        assert r["calibration_frames"] == 60 and r["test_good"] == 30 and r["test_defective"] == 12
         assert 0.0 <= r["test_fpr"] <= 0.034  # at most one of 30 normal test images
         assert r["test_recall"] == 1.0 and r["prompt"] == "artifact"
     assert set(result["mean"]) == {"test_fpr", "test_recall"}
