@@ -15,14 +15,13 @@ class never shows. Two sources are always available offline:
 All pass through DRAEM's augmenter set (3 distinct of 10, spec §5.4), implemented with numpy/cv2
 so a numpy Generator seeds everything.
 
-Measured (``benchmarks/synthesis_textures.py`` -> ``benchmarks/results/synthesis_textures.json``;
-tiny OneNIP, Lite0 at 128 px, 10 epochs on a CPU, PIPED test set, fixed prompts, 2 seeds):
-``mixed`` had the best pixel AP (48.7 ± 0.1 vs 47.7 procedural, 47.3 images, 47.4 with no Perlin
-defects at all) and AUPRO (70.8 vs 70.2–70.6); image AUROC is saturated (99.2–99.3) for all.
-The gaps are about one point with two seeds, so the evidence for ``mixed`` is weak; at this
-budget the texture source barely matters. The default stays ``mixed``: no worse anywhere, best at
-the pixel level; with a single class its image half falls back to that class's own images,
-re-cropped and augmented.
+Chosen on validation (``benchmarks/recipe_search.py --judge-synthesis perlin_prob=0`` ->
+``benchmarks/results/recipe_search_piped_textures.json``; the 30-minute default recipe on piped,
+3-minute budget per source, one seed): each model is judged on ONE common set of validation
+defects from a family the texture source does not make (CutPaste + scars), so no source is
+judged on its own defects. procedural 0.9190, images 0.9189, mixed 0.9179: within noise. The
+default stays ``mixed`` (the source the published 30-minute models used); the earlier
+test-set comparison (``synthesis_textures.json``) is kept for the report only.
 """
 
 from __future__ import annotations
