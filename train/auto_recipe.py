@@ -11,7 +11,7 @@ docs/training.md):
   budget, optimizer steps matter more than width or pixels: on mtd (median short side 264 px)
   160 px cost 1.4x per step and lost on the validation proxy to 128 px (but ran on a busier
   machine), batch 16 did not beat batch 8, no dropout beat 0.1, and peak lr 4e-4 beat 1e-4 and
-  1.5e-3 (``benchmarks/results/recipe_search_mtd.json``). Large frames with small defects are a case
+  1.5e-3 (``benchmarks/results/recipe_search_mtd*``). Large frames with small defects are a case
   for tiling (the station's ``tiling`` setting), not for a larger square input.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
   256 px when the median short side is 256 px or more.
