@@ -338,7 +338,7 @@ class Trainer:
         )
         return {"sigma": self.model.cfg.map_blur_sigma, "val_proxy": proxy, "tried": tried}
 
-    def payload(self, epoch: int, extra_metrics: dict | None = None) -> dict:
+    def payload(self, epoch: int) -> dict:
         """The checkpoint dict of the model as it is now (calibration must be current)."""
         data = self.data
         return {
