@@ -364,9 +364,11 @@ class OutboxConfig(_Strict):
         50.0,
         ge=0,
         le=1000,
-        title="Longest an event waits for its commit, ms; events decided meanwhile share it",
-        description="The writer thread commits every event handed over within this time in one "
-        "transaction (one fsync); 0 commits as soon as nothing more is waiting",
+        title="Group commit window, ms: events handed over within it share one commit (one fsync)",
+        description="The writer thread commits every event handed over within this time of the "
+        "first in one transaction, so an idle writer commits an event this long after it was "
+        "decided; when it is behind, the time counts from its previous commit, "
+        "so a group never grows with the backlog; 0 commits without waiting for more",
     )
 
 

@@ -6,11 +6,18 @@ from ~1 ms on an SSD to tens of ms on an SD card) used to run on the station's f
 so every defective frame stalled inspection. Now a station hands over `(frame, decision)` and
 goes on with the next frame.
 
-Group commit: the writer builds every event handed over, and commits all of them in ONE
-transaction (one fsync) `max_delay_s` after the first of the group was handed over (or when the
-group reaches `max_batch`). So an event waits at most `max_delay_s` (+ its build time) for its
-commit, and under load many events share one fsync: at most 1/`max_delay_s` fsyncs per second
-whatever the event rate. `max_delay_s = 0` commits as soon as nothing more is queued.
+Group commit: a group holds every event handed over before its deadline, `max_delay_s` after the
+first of the group was handed over, or after the previous commit ended when the first had to
+wait for it (the writer is behind); all of them are built and committed in ONE transaction (one
+fsync), at most `max_batch` per group. So at most one fsync per `max_delay_s` whatever the event
+rate, and a group never grows with the backlog: events handed over after its deadline go to the
+next group. (It used to drain the queue until `max_batch`: a saturated writer then held 256
+events in a group, seconds of latency, and every one's frame and map.) `max_delay_s = 0` commits
+what was waiting when the previous commit ended, without waiting for more.
+
+Memory: a handed-over job holds its frame and map (~1 MB at 640x480) until it is built; the
+writer drops them as soon as the JPEG and payload exist, so a group holds only those (bounded by
+`evidence.max_bytes` each), and the frames in memory are the queue's (`capacity`).
 
 Durability is what it was: an event is published only after its commit (the publisher reads the
 outbox, nothing else). What a crash can lose is an event decided in the last `max_delay_s`,
@@ -35,15 +42,17 @@ log = logging.getLogger(__name__)
 
 Built = tuple[str, dict[str, Any], bytes | None]  # station id, payload, evidence JPEG for MQTT
 CommitFn = Callable[[list[Built]], None]
+DoneFn = Callable[[bool], None]
 
 
 @dataclass(slots=True)
 class EventJob:
-    """One decided event: `build` runs on the writer thread, `done(ok)` after the commit."""
+    """One decided event: `build` runs on the writer thread (once; then dropped with the frame
+    and map it holds), `done(ok)` after the commit."""
 
     station_id: str
-    build: Callable[[], tuple[dict[str, Any], bytes | None]]
-    done: Callable[[bool], None] | None = None
+    build: Callable[[], tuple[dict[str, Any], bytes | None]] | None
+    done: DoneFn | None = None
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -102,45 +111,51 @@ class EventWriter:
         return len(self._jobs)
 
     # ------------------------------------------------------------ writer thread
-    def _next(self, timeout: float | None) -> EventJob | None:
-        """The next job; None when none came within `timeout` (or stopped and drained)."""
+    def _next(self, deadline: float | None) -> EventJob | None:
+        """The next job handed over before `deadline`, waiting for one until then (`None`: any
+        job, waiting as long as it takes); None when there is none (or stopped and drained)."""
         with self._cv:
-            if timeout is None:
+            if deadline is None:
                 self._cv.wait_for(lambda: self._jobs or self._closed)
-            elif timeout > 0 and not self._jobs:
-                self._cv.wait_for(lambda: self._jobs or self._closed, timeout)
-            if not self._jobs:
+            elif not self._jobs and (left := deadline - time.monotonic()) > 0:
+                self._cv.wait_for(lambda: self._jobs or self._closed, left)
+            if not self._jobs or (deadline is not None and self._jobs[0].queued_at > deadline):
                 return None
             job = self._jobs.popleft()
             self._cv.notify_all()  # room for a waiting submitter
             return job
 
     def _run(self) -> None:
+        last_commit = float("-inf")
         while True:
-            first = self._next(None)
-            if first is None:
+            job = self._next(None)
+            if job is None:
                 return  # closed and drained
-            group: list[tuple[EventJob, Built]] = []
-            self._build(first, group)
-            deadline = first.queued_at + self.max_delay_s
-            while len(group) < self.max_batch:
-                job = self._next(max(0.0, deadline - time.monotonic()))
-                if job is None:
-                    break
+            # Behind (the first waited for the last commit): the group starts when that ended.
+            deadline = max(job.queued_at, last_commit) + self.max_delay_s
+            group: list[tuple[DoneFn | None, Built]] = []
+            while job is not None:
                 self._build(job, group)
+                if len(group) >= self.max_batch:
+                    break
+                job = self._next(deadline)
             self._commit(group)
+            last_commit = time.monotonic()
 
-    def _build(self, job: EventJob, group: list[tuple[EventJob, Built]]) -> None:
+    def _build(self, job: EventJob, group: list[tuple[DoneFn | None, Built]]) -> None:
+        build, job.build = job.build, None  # frees the frame and map once the JPEG exists
         try:
-            payload, jpeg = job.build()
+            if build is None:
+                raise RuntimeError("event job built twice")
+            payload, jpeg = build()
         except Exception:
             self.failed += 1
             log.exception("station %s: event not built", job.station_id)
-            _done(job, False)
+            _done(job.station_id, job.done, False)
             return
-        group.append((job, (job.station_id, payload, jpeg)))
+        group.append((job.done, (job.station_id, payload, jpeg)))
 
-    def _commit(self, group: list[tuple[EventJob, Built]]) -> None:
+    def _commit(self, group: list[tuple[DoneFn | None, Built]]) -> None:
         if not group:
             return
         try:
@@ -148,19 +163,19 @@ class EventWriter:
         except Exception:
             self.failed += len(group)
             log.exception("event writer: commit of %d event(s) failed", len(group))
-            for job, _ in group:
-                _done(job, False)
+            for done, built in group:
+                _done(built[0], done, False)
             return
         self.commits += 1
         self.committed += len(group)
-        for job, _ in group:
-            _done(job, True)
+        for done, built in group:
+            _done(built[0], done, True)
 
 
-def _done(job: EventJob, ok: bool) -> None:
-    if job.done is None:
+def _done(station_id: str, done: DoneFn | None, ok: bool) -> None:
+    if done is None:
         return
     try:
-        job.done(ok)
+        done(ok)
     except Exception:
-        log.exception("station %s: event callback failed", job.station_id)
+        log.exception("station %s: event callback failed", station_id)

@@ -9,6 +9,14 @@ doubling delay (`reconnect_delay_set`), also when the broker is down at start. M
 paho at QoS 1 stay in paho's memory until PUBACK and are re-sent after a reconnect; the durable
 copy lives in the outbox (see `publisher.py`).
 
+paho's memory is bounded with its own limits: at most `MAX_INFLIGHT` QoS 1 messages on the wire
+awaiting PUBACK (`max_inflight_messages_set`) and at most `MAX_INFLIGHT + STATE_RESERVE` in its
+queue (`max_queued_messages_set`; paho's default is unbounded). The outbox publisher hands over
+at most `MAX_INFLIGHT` rows, so events never wait in paho's queue, only on the wire; the reserve
+is for state messages (status, threshold state, availability), which are small. A publish paho
+refuses because its queue is full returns None (back pressure, not an error: the row stays in
+the outbox; a state message is re-published on the next reconnect).
+
 The link is `connected` only after a CONNACK with a success code: a refused CONNACK (bad
 password, not authorised) or a failed TCP/TLS connect leaves it disconnected with `last_error`
 saying why, logged once per distinct error. The last will sets `<prefix>/<edge>/available` to
@@ -31,6 +39,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from lineguard.runtime.config import BrokerConfig
 
 log = logging.getLogger(__name__)
+
+MAX_INFLIGHT = 32  # QoS 1 messages sent and awaiting PUBACK: the publisher's window too
+STATE_RESERVE = 256  # room in paho's queue for state messages beyond the publisher's window
 
 OnMessage = Callable[[str, bytes, bool], None]  # topic, payload, retained
 
@@ -61,6 +72,8 @@ class MqttLink:
         self._last_logged: tuple[str | None, float] = (None, 0.0)
         self._ssl_context: ssl.SSLContext | None = None
         self.mqtt5 = broker.protocol == "5"
+        self.max_inflight = MAX_INFLIGHT
+        self.max_queued = MAX_INFLIGHT + STATE_RESERVE
         self._client = self._build_client()
 
     # -------------------------------------------------------------- set-up
@@ -82,7 +95,8 @@ class MqttLink:
             )
         client.will_set(self.available_topic, b"offline", qos=1, retain=True)
         client.reconnect_delay_set(b.reconnect_min_s, b.reconnect_max_s)
-        client.max_inflight_messages_set(32)
+        client.max_inflight_messages_set(self.max_inflight)
+        client.max_queued_messages_set(self.max_queued)
         if b.tls is not None:
             ctx = ssl.create_default_context(cafile=str(b.tls.ca) if b.tls.ca is not None else None)
             if b.tls.cert is not None:
@@ -161,11 +175,15 @@ class MqttLink:
             client.subscribe(topic, qos=1)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
-        """Hand a message to paho; returns its MQTTMessageInfo, or None when it was refused.
+        """Hand a message to paho; returns its MQTTMessageInfo, or None when it was refused
+        (paho's queue is full: `max_queued`; or an error, logged).
 
         While disconnected paho keeps QoS>0 messages and sends them after the reconnect.
         """
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            log.debug("MQTT: paho's queue is full (%d); %s not taken now", self.max_queued, topic)
+            return None
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("MQTT: publish to %s refused: %s", topic, paho.error_string(info.rc))
             return None

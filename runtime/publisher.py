@@ -1,7 +1,14 @@
 """Drains the outbox to the broker on its own thread, deleting each row on the broker's PUBACK.
 
 The frame loop only commits to SQLite and calls `wake()`; this thread does the network side.
-Rows are handed to paho in id order while connected, at most `window` unacknowledged at a time.
+Rows are handed to paho in id order while connected, at most `window` unacknowledged at a time
+(default: paho's in-flight limit, `MqttLink.max_inflight`, so handed rows go on the wire
+rather than pile up in paho's queue). Once the window is full the thread waits for PUBACKs (paho's
+`on_publish` wakes it) and reads more rows only when at most `refill_at` are left unacknowledged,
+so each read and attempt update covers half a window. The backlog of a slow or paused broker
+therefore stays in the outbox on disk; memory holds at most `window` messages (each bounded by
+`evidence.max_bytes`), and paho's own `max_queued_messages` caps what it would take anyway.
+
 paho keeps handed QoS 1 messages until PUBACK and re-sends them after a reconnect, so a row is
 handed once per process; after a restart every stored row is handed again (at-least-once,
 consumers de-duplicate on event_id).
@@ -25,13 +32,21 @@ class OutboxPublisher:
     """Thread that moves outbox rows to MQTT and acknowledges them."""
 
     def __init__(
-        self, outbox: Outbox, link: MqttLink, window: int = 256, prune_every_s: float = 60.0
+        self,
+        outbox: Outbox,
+        link: MqttLink,
+        window: int | None = None,
+        prune_every_s: float = 60.0,
     ) -> None:
         self.outbox = outbox
         self.link = link
-        self.window = window
+        self.window = link.max_inflight if window is None else window
+        if self.window < 1:
+            raise ValueError("the publisher's window must be >= 1")
+        self.refill_at = self.window // 2  # read more rows once at most this many are unacked
         self.prune_every_s = prune_every_s
         self.published = 0  # rows acknowledged by the broker since start
+        self.peak_in_flight = 0  # most rows handed and unacknowledged at once (<= window)
         self._wake = threading.Event()
         self._stop = threading.Event()
         # row id -> paho MQTTMessageInfo, handed and not yet acknowledged. Polling
@@ -89,20 +104,18 @@ class OutboxPublisher:
             self.published += len(done)
 
     def _hand_over(self) -> None:
-        room = self.window - len(self._inflight)
-        if room <= 0:
-            return
-        batch = self.outbox.pending(after_id=self._last_handed, limit=room)
+        if len(self._inflight) > self.refill_at:
+            return  # the PUBACKs of the rows on the wire wake this thread
+        batch = self.outbox.pending(after_id=self._last_handed, limit=self.window - self.in_flight)
         handed: list[int] = []
         for msg in batch:
             if not self.link.connected or self._stop.is_set():
                 break
             info = self.link.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
             if info is None:
-                break
+                break  # paho's queue is full (or refused): the row waits in the outbox
             handed.append(msg.id)
             self._last_handed = msg.id
             self._inflight[msg.id] = info
+        self.peak_in_flight = max(self.peak_in_flight, len(self._inflight))
         self.outbox.mark_attempt(handed)
-        if len(batch) == room:
-            self._wake.set()  # more may be waiting
