@@ -23,6 +23,7 @@ import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +31,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the tiled-frame rows of edge_latency_tiled.py share the results file; this script keeps them
+from edge_latency_report import TILED, write, write_merged
 
 ENGINES = ("pytorch-fp32", "onnxruntime-fp32", "openvino-fp32", "openvino-bf16", "openvino-int8")
 RESULTS = Path(__file__).parent / "results"
@@ -337,7 +342,7 @@ def markdown(result: dict) -> str:
         "| input | scope | engine | p50 ms | p95 ms | fps | size MB |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if r["scope"] != TILED):
         lines.append(
             f"| {r['input_size']} | {r['scope']} | {r['engine']} | {r['p50_ms']} | "
             f"{r['p95_ms']} | {r['fps']} | {r['size_mb']} |"
@@ -373,7 +378,7 @@ def targets(rows: list[dict], ups: dict[str, dict[str, float]]) -> dict[str, boo
 
 def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for size in sorted({r["input_size"] for r in rows}):
+    for size in sorted({r["input_size"] for r in rows if r["scope"] == "detector"}):
         p50 = {
             r["engine"]: r["p50_ms"]
             for r in rows
@@ -395,12 +400,11 @@ def speedups(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def rewrite(path: Path) -> None:
-    """Recompute the derived tables (speed-ups, targets, markdown) of a results JSON in place."""
+    """Recompute the derived tables (speed-ups, targets, markdown) of an edge_latency.json."""
     result = json.loads(path.read_text())
     result["speedups"] = speedups(result["rows"])
     result["targets"] = targets(result["rows"], result["speedups"])
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    path.with_suffix(".md").write_text(markdown(result))
+    write(path.parent, result, markdown)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -477,10 +481,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["speedups"] = speedups(rows)
     result["targets"] = targets(rows, result["speedups"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "edge_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "edge_latency.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_merged(args.out, result, markdown))
     return result
 
 

@@ -176,3 +176,83 @@ def test_tiling_bsdata_tiny(tmp_path: Path) -> None:
     assert res["peers"]["patchcore"]["pixel_ap"] == 0.523 and len(res["targets"]) == 5
     # 2-px lines: the square resize washes them out, the tiles at native scale do not
     assert res["modes"]["tiled"]["mean"]["pixel_ap"] > res["modes"]["resized"]["mean"]["pixel_ap"]
+
+
+REQUIRED_TILED = {
+    "engine",
+    "scope",
+    "mode",
+    "graph",
+    "calls_per_frame",
+    "frame",
+    "tile_scale",
+    "tiles",
+    "p50_ms",
+    "p95_ms",
+    "p50_ms_per_tile",
+    "p95_ms_per_tile",
+    "shipped_rung",
+    "float_ops_run",
+    "threads",
+    "cpu",
+    "load_avg_before",
+    "load_avg_after",
+}
+
+
+@pytest.mark.timeout(400)
+def test_edge_latency_tiled_tiny_merges_rows(tmp_path: Path) -> None:
+    """Tiled frame, tiny model: one call per tile (static and dynamic graph) and one batched
+    call land as rows in a copy of the committed edge_latency.json; the batch-1 rows survive,
+    an older tiled row is replaced, and a batch-1 rewrite keeps the tiled rows."""
+    import importlib.util
+
+    out = tmp_path / "results"
+    out.mkdir()
+    committed = json.loads((ROOT / "benchmarks/results/edge_latency.json").read_text())
+    stale = {**committed["rows"][0], "scope": "tiled_frame", "mode": "stale"}
+    (out / "edge_latency.json").write_text(
+        json.dumps({**committed, "rows": [*committed["rows"], stale]}, indent=2)
+    )
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "edge_latency_tiled.py"), "--tiny"]
+    cmd += ["--tiled-frame", "320x180", "--tile-scale", "2", "--rounds", "2", "--per-round", "1"]
+    cmd += ["--warmup", "1", "--pause", "0", "--calib", "2", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=390, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    result = json.loads((out / "edge_latency.json").read_text())
+    assert result["rows"][: len(committed["rows"])] == committed["rows"]
+    assert result["speedups"] == committed["speedups"] and result["cpu"] == committed["cpu"]
+    tiled = [r for r in result["rows"] if r["scope"] == "tiled_frame"]
+    assert [(r["mode"], r["graph"]) for r in tiled] == [
+        ("one_call_per_tile", "static-batch-1"),
+        ("one_call_per_tile", "dynamic-batch"),
+        ("batched", "dynamic-batch"),
+    ]
+    tiles = 6  # 320x180 at scale 2 = 160x90 canvas, 64 px tiles, overlap 0.25: 3 x 2
+    for r in tiled:
+        assert set(r) >= REQUIRED_TILED and r["tiles"] == tiles and r["frame"] == "320x180"
+        assert r["calls_per_frame"] == (1 if r["mode"] == "batched" else tiles)
+        assert 0 < r["p50_ms"] <= r["p95_ms"]
+        assert abs(r["p50_ms_per_tile"] - r["p50_ms"] / tiles) <= 0.01
+        assert abs(r["p95_ms_per_tile"] - r["p95_ms"] / tiles) <= 0.01
+        assert r["shipped_rung"] == "full/performance/bf16"
+        assert r["float_ops_run"] in {"f32", "bf16"}  # bf16 only where the CPU has it
+        assert r["cpu"] and len(r["load_avg_before"]) == len(r["load_avg_after"]) == 3
+    block = result["tiled"]
+    assert block["tiles"] == tiles and block["command"].startswith("python benchmarks/")
+    assert block["ratios"]["batched_vs_one_call_per_tile_p50"] > 0
+    assert block["batched_vs_calls_max_abs_map_diff"] < 1e-2  # same maps, one call or many
+    assert isinstance(next(iter(block["targets"].values())), bool) and block["verdict"]
+    table = (out / "edge_latency.md").read_text()
+    assert table.startswith("# Edge latency (batch 1)") and "## Tiled frame" in table
+    assert "| batched | dynamic-batch | 1 |" in table
+
+    # edge_latency.py's own write (a batch-1 run) keeps the tiled rows and section
+    spec = importlib.util.spec_from_file_location("bench_el", ROOT / "benchmarks/edge_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.write_merged(out, committed, bench.markdown)
+    again = json.loads((out / "edge_latency.json").read_text())
+    assert again["rows"] == committed["rows"] + tiled and again["tiled"] == block
+    assert "## Tiled frame" in (out / "edge_latency.md").read_text()
