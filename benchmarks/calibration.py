@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-MIN_SCORES = 20  # the tail fit's minimum (runtime/calibration.py); fewer held-out: train/good
+MIN_SCORES = 20  # the tail fit's minimum (runtime/calibration/fit.py); fewer held-out: train/good
 
 
 def _station(cls: str, dataset: str, artifact: Path, prompt: Path, engine: str, precision: str):
@@ -89,8 +89,8 @@ def _defect_dirs(root: Path, cls: str) -> list[Path]:
 
 
 def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) -> dict[str, Any]:
-    from lineguard.runtime.calibration_report import make_report
-    from lineguard.runtime.calibration_scoring import ScoreSet, folder_frames
+    from lineguard.runtime.calibration.report import make_report
+    from lineguard.runtime.calibration.scoring import ScoreSet, folder_frames
 
     folder, frames_from = root / cls / "train" / "good", "train/good (seen in training)"
     held = args.held_out.get(cls)
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args.held_out = _held_out_folders(args.held_out, args.data) if args.held_out else {}
 
     from lineguard.runtime.artifact import load_card
-    from lineguard.runtime.calibration_scoring import StationScorer
+    from lineguard.runtime.calibration.scoring import StationScorer
     from lineguard.runtime.engine import load_engine
 
     root = args.data / args.dataset if (args.data / args.dataset).is_dir() else args.data

@@ -26,7 +26,7 @@ from runtime_fakes import Collector
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.audit import AuditLog
-from lineguard.runtime.calibrate_cli import register
+from lineguard.runtime.calibration.cli import register
 
 pytestmark = pytest.mark.slow
 

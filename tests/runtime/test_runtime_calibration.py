@@ -23,17 +23,24 @@ from calibration_fixtures import (
     write_station,
 )
 
-from lineguard.runtime import calibration as cal
 from lineguard.runtime.audit import AuditLog
-from lineguard.runtime.calibrate_cli import register
-from lineguard.runtime.calibration_apply import (
+from lineguard.runtime.calibration import fit as cal
+from lineguard.runtime.calibration.apply import (
     list_backups,
     live_rollback_target,
     rollback_config,
     write_thresholds,
 )
-from lineguard.runtime.calibration_report import make_report, render_histogram, write_report
-from lineguard.runtime.calibration_scoring import (
+from lineguard.runtime.calibration.cli import register
+from lineguard.runtime.calibration.histogram import render_histogram
+from lineguard.runtime.calibration.pixel import PixelTail, propose_pixel_threshold
+from lineguard.runtime.calibration.report import (
+    classification_at,
+    f1_optimal,
+    make_report,
+    write_report,
+)
+from lineguard.runtime.calibration.scoring import (
     ScoreSet,
     StationScorer,
     folder_frames,
@@ -117,11 +124,11 @@ def test_too_few_or_bad_scores_are_refused():
 def test_pixel_threshold_is_the_pooled_quantile_with_a_frame_bootstrap_margin():
     rng = np.random.default_rng(0)
     maps = [rng.exponential(size=(40, 50)).astype(np.float32) for _ in range(60)]
-    tail = cal.PixelTail()
+    tail = PixelTail()
     for m in maps:
         tail.add(m)
     rate = 1e-3
-    res = cal.propose_pixel_threshold(tail, rate, 0.95, n_boot=100)
+    res = propose_pixel_threshold(tail, rate, 0.95, n_boot=100)
     pooled = np.sort(np.concatenate([m.ravel() for m in maps]))[::-1]
     need = math.ceil(rate * pooled.size)
     assert res["estimate"] == pytest.approx(float(pooled[need - 1]))
@@ -129,15 +136,15 @@ def test_pixel_threshold_is_the_pooled_quantile_with_a_frame_bootstrap_margin():
     assert abs(math.exp(-res["estimate"]) / rate - 1) < 0.3  # true rate of Exp(1) pixels
     assert not res["warnings"]
     # an ignore mask removes pixels from the statistics
-    masked = cal.PixelTail()
+    masked = PixelTail()
     valid = np.ones((40, 50), bool)
     valid[:, :25] = False
     for m in maps:
         masked.add(m, valid)
-    assert cal.propose_pixel_threshold(masked, rate, n_boot=10)["pixels"] == pooled.size // 2
+    assert propose_pixel_threshold(masked, rate, n_boot=10)["pixels"] == pooled.size // 2
     # a frame with far more high pixels than it kept makes the estimate a lower bound: warned
     tail.add(np.full((40, 50), 50.0, np.float32))
-    assert cal.propose_pixel_threshold(tail, rate, n_boot=10)["warnings"]
+    assert propose_pixel_threshold(tail, rate, n_boot=10)["warnings"]
 
 
 def test_metrics_match_sklearn_and_brute_force():
@@ -148,13 +155,13 @@ def test_metrics_match_sklearn_and_brute_force():
     defect = np.concatenate([rng.normal(2.5, 1, 40), [-np.inf]])  # one frame that cannot alert
     y = np.r_[np.zeros(normal.size), np.ones(defect.size)]
     s = np.r_[normal, defect]
-    m = cal.classification_at(normal, defect, 1.5)
+    m = classification_at(normal, defect, 1.5)
     pred = s >= 1.5
     assert m["recall"] == pytest.approx(recall_score(y, pred))
     assert m["precision"] == pytest.approx(precision_score(y, pred))
     assert m["f1"] == pytest.approx(f1_score(y, pred))
     assert m["fpr"] == pytest.approx(np.mean(normal >= 1.5))
-    best = cal.f1_optimal(normal, defect)
+    best = f1_optimal(normal, defect)
     brute = max(f1_score(y, s >= t) for t in np.unique(s[np.isfinite(s)]))
     assert best["f1"] == pytest.approx(brute)
 
@@ -491,9 +498,10 @@ def test_cli_live_change_without_broker_is_a_clear_error(world, tmp_path):
 def test_calibration_modules_import_no_torch_sklearn_scipy_or_matplotlib():
     code = (
         "import sys\n"
-        "import lineguard.runtime.calibrate_cli, lineguard.runtime.calibration, "
-        "lineguard.runtime.calibration_report, lineguard.runtime.calibration_apply, "
-        "lineguard.runtime.calibration_scoring\n"
+        "import lineguard.runtime.calibration.cli, lineguard.runtime.calibration.actions, "
+        "lineguard.runtime.calibration.fit, lineguard.runtime.calibration.pixel, "
+        "lineguard.runtime.calibration.report, lineguard.runtime.calibration.histogram, "
+        "lineguard.runtime.calibration.apply, lineguard.runtime.calibration.scoring\n"
         "bad = [m for m in ('torch', 'sklearn', 'scipy', 'matplotlib', 'timm') "
         "if m in sys.modules]\n"
         "assert not bad, bad\n"
