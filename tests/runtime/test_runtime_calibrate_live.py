@@ -26,7 +26,7 @@ from runtime_fakes import Collector
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.audit import AuditLog
-from lineguard.runtime.calibrate_cli import register
+from lineguard.runtime.calibration.cli import register
 
 pytestmark = pytest.mark.slow
 
@@ -88,11 +88,19 @@ def _defects(sub: Collector, station: str) -> list[dict]:
     return sub.json(f"/line1/{station}/defect")
 
 
-def _state(sub: Collector, station: str, request_prefix: str) -> dict:
-    for p in reversed(sub.json(f"/line1/{station}/threshold/state")):
-        if (p.get("request_id") or "").startswith(request_prefix):
-            return p
-    raise AssertionError(f"no threshold/state with request_id {request_prefix}*")
+def _state(sub: Collector, station: str, request_prefix: str, timeout: float = 10.0) -> dict:
+    """The newest threshold/state echo of a request; the CLI saw it on its own connection, this
+    collector may get it a moment later."""
+
+    def found(c: Collector) -> dict | None:
+        for p in reversed(c.json(f"/line1/{station}/threshold/state")):
+            if (p.get("request_id") or "").startswith(request_prefix):
+                return p
+        return None
+
+    if not sub.wait_for(lambda c: found(c) is not None, timeout):
+        raise AssertionError(f"no threshold/state with request_id {request_prefix}*")
+    return found(sub)
 
 
 def _frames_after(sub: Collector, station: str, count: int, timeout: float = 20.0) -> None:

@@ -16,7 +16,7 @@ from runtime_fakes import Collector, ScriptedStation, linked_service, write_site
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.artifact import Thresholds as CardThresholds
-from lineguard.runtime.calibration_apply import send_command, write_thresholds
+from lineguard.runtime.calibration.apply import send_command, write_thresholds
 from lineguard.runtime.config import ThresholdConfig
 from lineguard.runtime.config_loader import ConfigError, load_site, load_station
 from lineguard.runtime.errors import LineGuardError

@@ -1,12 +1,7 @@
-"""`lineguard calibrate`: propose per-station thresholds from normal frames, preview, apply, undo.
+"""What `lineguard calibrate` does once its arguments are parsed (the parser is in `cli.py`).
 
-    lineguard calibrate --station S [--site F] [--frames N | --folder DIR] [--defects DIR]
-                        [--target-far 0.001] [--confidence 0.95] [--out DIR]
-                        [--apply config|mqtt ...] [--shadow] [--by NAME --reason TEXT]
-    lineguard calibrate rollback --station S [--site F] [--apply config|mqtt] --reason TEXT
-    lineguard calibrate clear-shadow --station S --site F --reason TEXT
-
-Imports stay light at module level (no engine, no paho): `lineguard --help` must stay fast.
+Scoring, report, apply and rollback modules are imported inside the handlers: the edge runtime and
+`lineguard --help` never pay for an engine or paho unless a calibration actually runs.
 """
 
 from __future__ import annotations
@@ -32,121 +27,6 @@ def _default_by() -> str:
     except (KeyError, OSError):
         user = "unknown"
     return f"{user}@{socket.gethostname()}"
-
-
-def _common(p: argparse.ArgumentParser, station_required: bool) -> None:
-    p.add_argument(
-        "--station", type=Path, metavar="FILE", required=station_required, help="station YAML"
-    )
-    p.add_argument(
-        "--site",
-        type=Path,
-        metavar="FILE",
-        help="site YAML: the broker for --apply mqtt/--shadow and the audit log location",
-    )
-    p.add_argument(
-        "--audit-log", type=Path, metavar="FILE", help="audit log (default: the site's audit_log)"
-    )
-    p.add_argument("--by", default=None, help="who makes the change (default: user@host)")
-    p.add_argument("--reason", default=None, help="why (required for every change)")
-    p.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the runtime's echo"
-    )
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Register `calibrate` (with its `rollback` and `clear-shadow` actions)."""
-    p = sub.add_parser(
-        "calibrate",
-        help="propose a station's thresholds from normal frames; apply live or to its file; undo",
-        description=(
-            "Score normal frames (the station's camera, or a folder) through the station's exact "
-            "pipeline (artifact, prompt, ROI, ignore masks), fit the upper tail of the normal "
-            "image scores and propose the image threshold for a target false-alarm rate with a "
-            "stated confidence margin, and a pixel threshold from the normal pixel scores. With "
-            "--defects, also recall/precision/F1 at the proposed and at the F1-optimal threshold. "
-            "Writes calibration.json and histogram.png to --out. --apply config writes the "
-            "station file (versioned backup <file>.bak.N); --apply mqtt sends threshold/set to "
-            "the running runtime and waits for its echo; --shadow sends the proposal as a shadow "
-            "candidate (counted on the stats topic, never alerted). Every change is audited."
-        ),
-    )
-    _common(p, station_required=False)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument(
-        "--frames",
-        type=int,
-        metavar="N",
-        help=f"take N frames from the station's camera (default {DEFAULT_FRAMES})",
-    )
-    src.add_argument("--folder", type=Path, metavar="DIR", help="normal images from a folder")
-    src.add_argument(
-        "--from-report",
-        type=Path,
-        metavar="JSON",
-        help="apply the proposal of an earlier calibration.json instead of scoring again",
-    )
-    p.add_argument("--every", type=int, default=1, metavar="K", help="camera: keep one frame in K")
-    p.add_argument(
-        "--camera-timeout",
-        type=float,
-        default=60.0,
-        help="camera: give up after S s without a frame",
-    )
-    p.add_argument(
-        "--defects", type=Path, metavar="DIR", help="labelled defective images (recursive)"
-    )
-    p.add_argument("--target-far", type=float, default=0.001, help="false alarms per normal frame")
-    p.add_argument(
-        "--confidence", type=float, default=0.95, help="confidence of the upper bound (0..1)"
-    )
-    p.add_argument(
-        "--pixel-rate",
-        type=float,
-        default=0.001,
-        help="fraction of normal pixels above the pixel threshold",
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        metavar="DIR",
-        help="report folder (default: calibration/<station>-<time>)",
-    )
-    p.add_argument(
-        "--apply",
-        action="append",
-        choices=("config", "mqtt"),
-        default=[],
-        help="write the station file and/or send to the running runtime (repeatable)",
-    )
-    p.add_argument(
-        "--shadow",
-        action="store_true",
-        help="send the proposal as a shadow candidate to the running runtime (no alerts)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.set_defaults(handler=_calibrate, calibrate_parser=p)
-    actions = p.add_subparsers(dest="calibrate_action", metavar="ACTION")
-    r = actions.add_parser(
-        "rollback",
-        help="restore the previous thresholds (file backup, or live from the audit log)",
-        description=(
-            "--apply config (default): restore the newest <file>.bak.N (the current file is kept "
-            "as <file>.undone.M). --apply mqtt: send the thresholds that were active before the "
-            "last live change (from the audit log) to the running runtime. Audited."
-        ),
-    )
-    _common(r, station_required=True)
-    r.add_argument(
-        "--apply", choices=("config", "mqtt"), default="config", help="where to roll back"
-    )
-    r.set_defaults(handler=_rollback)
-    c = actions.add_parser(
-        "clear-shadow",
-        help="stop the shadow evaluation of a candidate threshold on the running runtime",
-    )
-    _common(c, station_required=True)
-    c.set_defaults(handler=_clear_shadow)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -212,8 +92,8 @@ def _values(d: dict[str, Any] | None) -> str:
 
 
 def _score(ctx: _Context, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
-    from lineguard.runtime.calibration_report import make_report, summary_lines, write_report
-    from lineguard.runtime.calibration_scoring import StationScorer, camera_frames, folder_frames
+    from lineguard.runtime.calibration.report import make_report, summary_lines, write_report
+    from lineguard.runtime.calibration.scoring import StationScorer, camera_frames, folder_frames
 
     for name in ("target_far", "confidence", "pixel_rate"):
         if not 0.0 < getattr(args, name) < 1.0:
@@ -288,7 +168,7 @@ def _load_report(ctx: _Context, path: Path) -> dict[str, Any]:
     return report
 
 
-def _calibrate(args: argparse.Namespace) -> int:
+def calibrate(args: argparse.Namespace) -> int:
     if args.calibrate_action is None and args.station is None:
         args.calibrate_parser.print_help()
         return 2
@@ -337,7 +217,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             ]
         )
     if "config" in args.apply:
-        from lineguard.runtime.calibration_apply import audit_file_change, write_thresholds
+        from lineguard.runtime.calibration.apply import audit_file_change, write_thresholds
 
         change = write_thresholds(ctx.station_file, proposed)
         audit_file_change(
@@ -365,7 +245,7 @@ def _where(ctx: _Context) -> str:
 
 
 def _live(ctx: _Context, values: dict[str, Any], reason: str, request_id: str | None = None):
-    from lineguard.runtime.calibration_apply import send_command
+    from lineguard.runtime.calibration.apply import send_command
 
     command = {**values, "by": ctx.by, "reason": reason[:2000]}
     if request_id:
@@ -381,10 +261,10 @@ def _live(ctx: _Context, values: dict[str, Any], reason: str, request_id: str | 
 # ---------------------------------------------------------------------------- rollback
 
 
-def _rollback(args: argparse.Namespace) -> int:
+def rollback(args: argparse.Namespace) -> int:
     import uuid
 
-    from lineguard.runtime.calibration_apply import (
+    from lineguard.runtime.calibration.apply import (
         ROLLBACK_PREFIX,
         audit_file_change,
         live_rollback_target,
@@ -428,7 +308,7 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clear_shadow(args: argparse.Namespace) -> int:
+def clear_shadow(args: argparse.Namespace) -> int:
     ctx = _Context(args, check_files=False)
     res = _live(ctx, {"clear_shadow": True}, ctx.need_reason())
     _print([f"shadow evaluation stopped on {_where(ctx)} (active {_values(res.after['active'])})"])

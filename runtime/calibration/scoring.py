@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lineguard.runtime.calibration import PixelTail
+from lineguard.runtime.calibration.pixel import PixelTail
 from lineguard.runtime.config import StationConfig
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.pipeline import Pipeline, Thresholds

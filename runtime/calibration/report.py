@@ -1,4 +1,4 @@
-"""Calibration report: proposal + metrics as JSON, and a PNG histogram (drawn with OpenCV).
+"""Calibration report: proposal + metrics as JSON, and the PNG histogram (`histogram.py`).
 
 `make_report` turns the scores of normal (and optionally defective) frames into a proposal and
 everything an engineer needs to trust it before committing: the method, the estimate and margin,
@@ -8,7 +8,6 @@ DECISION level of the pipeline (image score ≥ T and, unless the pipeline alert
 score alone, a region at the pixel threshold), i.e. what the station would actually alert on.
 
 Thresholds are rounded UP to `ROUND` decimals so the written value is never below the bound.
-Matplotlib is not an edge dependency, so the histogram is drawn with cv2/numpy.
 """
 
 from __future__ import annotations
@@ -21,20 +20,28 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lineguard.runtime import calibration as cal
-from lineguard.runtime.calibration_scoring import ScoreSet
+from lineguard.runtime.calibration.fit import ThresholdProposal, propose_threshold
+from lineguard.runtime.calibration.histogram import render_histogram
+from lineguard.runtime.calibration.pixel import propose_pixel_threshold
+from lineguard.runtime.calibration.scoring import ScoreSet
 from lineguard.runtime.events import iso
 
 REPORT_FORMAT = "lineguard-calibration/1"
 ROUND = 4
 
 IMAGE_METHOD = (
-    "Image threshold from normal image scores only: peaks-over-threshold GPD tail fit "
-    "(probability-weighted moments) on the top k scores gives the estimate of the score a "
-    "normal frame exceeds with probability target_far; the proposal is an upper confidence "
-    "bound at `confidence`: the distribution-free order-statistic (binomial) bound when there "
-    "are enough frames, else the larger of the resampling and parametric bootstrap bounds of "
-    "the tail estimate. Assumes independent frames (distinct parts)."
+    "Image threshold from normal image scores only: an upper confidence bound at `confidence` "
+    "of the score a normal frame exceeds with probability target_far. With enough frames "
+    "(ln(1-confidence)/ln(1-target_far), 299 for 0.01 at 95 %) the distribution-free "
+    "order-statistic (binomial) bound; with fewer, a peaks-over-threshold GPD tail fit "
+    "(probability-weighted moments) extrapolates beyond the largest score: the largest of the "
+    "resampling bootstrap bound, the parametric bootstrap bound drawn with the tail shape at "
+    "its upper bound, and the sample maximum. Assumes independent frames (distinct parts)."
+)
+POOLED_METHOD = (
+    " Pooled: the held-out frames of several stations/classes, each on its own ruler "
+    "(median and mean absolute deviation of its training-image scores), give one bound, mapped "
+    "back through each ruler."
 )
 PIXEL_METHOD = (
     "Pixel threshold: the score exceeded by a fraction pixel_rate of normal pixels (inside the "
@@ -51,6 +58,44 @@ def _finite(values: np.ndarray) -> list[float | None]:
     return [round(float(v), 6) if np.isfinite(v) else None for v in values]
 
 
+def classification_at(normal: np.ndarray, defect: np.ndarray, threshold: float) -> dict:
+    """Recall, precision, F1 and false-positive rate of `score ≥ threshold` (defect = positive).
+
+    Scores of frames that can never alert (no region) are -inf and count as negatives.
+    """
+    normal, defect = np.asarray(normal, np.float64), np.asarray(defect, np.float64)
+    tp = int(np.sum(defect >= threshold))
+    fp = int(np.sum(normal >= threshold))
+    fn = int(defect.size - tp)
+    recall = tp / defect.size if defect.size else 0.0
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {
+        "threshold": float(threshold),
+        "recall": recall,
+        "precision": precision,
+        "f1": f1,
+        "fpr": fp / normal.size if normal.size else 0.0,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": int(normal.size - fp),
+    }
+
+
+def f1_optimal(normal: np.ndarray, defect: np.ndarray) -> dict:
+    """The threshold (one of the finite scores) with the best F1; ties go to the higher one."""
+    scores = np.concatenate([np.asarray(normal, np.float64), np.asarray(defect, np.float64)])
+    candidates = np.unique(scores[np.isfinite(scores)])
+    if candidates.size == 0:
+        return classification_at(normal, defect, math.inf)
+    best = max(
+        (classification_at(normal, defect, t) for t in candidates),
+        key=lambda m: (m["f1"], m["threshold"]),
+    )
+    return best
+
+
 def _metrics(normal: ScoreSet, defects: ScoreSet | None, t: dict, require_region: bool) -> dict:
     n_dec = normal.decision_scores(t["pixel"], require_region)
     out: dict[str, Any] = {
@@ -60,7 +105,7 @@ def _metrics(normal: ScoreSet, defects: ScoreSet | None, t: dict, require_region
     }
     if defects is not None and len(defects):
         d_dec = defects.decision_scores(t["pixel"], require_region)
-        out.update(cal.classification_at(n_dec, d_dec, t["image"]))
+        out.update(classification_at(n_dec, d_dec, t["image"]))
     return out
 
 
@@ -77,13 +122,16 @@ def make_report(
     source: dict[str, Any] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
+    image: ThresholdProposal | None = None,
 ) -> dict[str, Any]:
-    """Fit the thresholds on `normal` and evaluate them (see the module docstring)."""
+    """Fit the thresholds on `normal` and evaluate them (see the module docstring); `image`, when
+    given (a pooled proposal, `pool.py`), replaces the image threshold fitted on `normal`."""
     image_scores, _ = normal.arrays()
-    image = cal.propose_threshold(image_scores, target_far, confidence, n_boot=n_boot, seed=seed)
+    if image is None:
+        image = propose_threshold(image_scores, target_far, confidence, n_boot=n_boot, seed=seed)
     if normal.pixels is None:
         raise ValueError("normal scores were collected without pixel scores")
-    pixel = cal.propose_pixel_threshold(normal.pixels, pixel_rate, confidence, seed=seed)
+    pixel = propose_pixel_threshold(normal.pixels, pixel_rate, confidence, seed=seed)
     proposed = {
         "image": round_up(image.threshold),
         "pixel": round_up(pixel["threshold"]),
@@ -98,7 +146,10 @@ def make_report(
         "confidence": confidence,
         "pixel_rate": pixel_rate,
         "require_region": require_region,
-        "method": {"image": IMAGE_METHOD, "pixel": PIXEL_METHOD},
+        "method": {
+            "image": IMAGE_METHOD + (POOLED_METHOD if image.pooled else ""),
+            "pixel": PIXEL_METHOD,
+        },
         "old": dict(old),
         "proposed": proposed,
         "image": image.to_dict(),
@@ -120,7 +171,7 @@ def make_report(
         d_image, d_region = defects.arrays()
         n_dec = normal.decision_scores(proposed["pixel"], require_region)
         d_dec = defects.decision_scores(proposed["pixel"], require_region)
-        best = cal.f1_optimal(n_dec, d_dec)
+        best = f1_optimal(n_dec, d_dec)
         report["defects"] = {
             "frames": len(defects),
             "image_score": _summary(d_image),
@@ -169,106 +220,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         )
     lines += [f"  warning: {w}" for w in report.get("warnings", [])]
     return lines
-
-
-# ---------------------------------------------------------------------------- PNG histogram
-
-W, H = 960, 540
-LEFT, RIGHT, TOP, BOTTOM = 70, 30, 60, 70
-BLUE, RED, GREY, GREEN, BLACK = (
-    (200, 120, 30),
-    (40, 40, 220),
-    (140, 140, 140),
-    (40, 160, 40),
-    (0,) * 3,
-)
-
-
-def _text(img, text, org, scale=0.5, colour=BLACK, thickness=1) -> None:
-    cv2.putText(img, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, colour, thickness, cv2.LINE_AA)
-
-
-def _dashed_vline(img, x, y0, y1, colour, thickness=2, dash=8) -> None:
-    for y in range(y0, y1, 2 * dash):
-        cv2.line(img, (x, y), (x, min(y + dash, y1)), colour, thickness, cv2.LINE_AA)
-
-
-def render_histogram(report: dict[str, Any], bins: int = 50) -> np.ndarray:
-    """BGR image: normal (blue) and defect (red) image-score histograms, each as a fraction of
-    its frames; old threshold grey dashed, proposed green; defect scores beyond the plotted
-    range are counted in a last '>' bar so the normal tail stays readable."""
-    normal = np.array([v for v in report["scores"]["normal"]["image"] if v is not None])
-    defects = report["scores"].get("defects") or {}
-    defect = np.array([v for v in defects.get("image", []) if v is not None])
-    old, new = float(report["old"]["image"]), float(report["proposed"]["image"])
-    lo = float(min(normal.min(), old, new, defect.min() if defect.size else np.inf))
-    core_hi = float(max(normal.max(), old, new))
-    hi = core_hi + 0.4 * (core_hi - lo) + 1e-6
-    if defect.size and defect.max() <= 2.5 * hi - 1.5 * lo:
-        hi = max(hi, float(defect.max()) + 1e-6)
-    edges = np.linspace(lo, hi, bins + 1)
-    img = np.full((H, W, 3), 255, np.uint8)
-    x0, x1, y0, y1 = LEFT, W - RIGHT - 40, TOP, H - BOTTOM  # room for the overflow bar
-
-    def xpix(v: float) -> int:
-        return round(x0 + (min(max(v, lo), hi) - lo) / (hi - lo) * (x1 - x0))
-
-    def hist(v: np.ndarray) -> tuple[np.ndarray, float]:
-        if v.size == 0:
-            return np.zeros(bins), 0.0
-        return np.histogram(v[v <= hi], edges)[0] / v.size, float(np.mean(v > hi))
-
-    (hn, on), (hd, od) = hist(normal), hist(defect)
-    top = max(hn.max(initial=0), hd.max(initial=0), 1e-9) * 1.15
-    bar_w = (x1 - x0) / bins
-    overlay = img.copy()
-    for counts, over, colour, slot in ((hn, on, BLUE, 0), (hd, od, RED, 1)):
-        for i, c in enumerate(counts):
-            if c > 0:
-                xa = int(x0 + i * bar_w)
-                ya = int(y1 - c / top * (y1 - y0))
-                cv2.rectangle(overlay, (xa, ya), (int(xa + bar_w), y1), colour, -1)
-        if over > 0:  # beyond the plotted range: a capped bar with its share written on it
-            xa = x1 + 8 + 14 * slot
-            ya = int(y1 - min(over / top, 1.0) * (y1 - y0))
-            cv2.rectangle(overlay, (xa, ya), (xa + 12, y1), colour, -1)
-            _text(overlay, f"{over:.0%}", (xa - 8, ya - 6 - 14 * slot), 0.4, colour)
-    img = cv2.addWeighted(overlay, 0.6, img, 0.4, 0)
-    cv2.line(img, (x0, y1), (x1, y1), BLACK, 1)
-    cv2.line(img, (x0, y0), (x0, y1), BLACK, 1)
-    for i in range(6):
-        v = lo + (hi - lo) * i / 5
-        x = xpix(v)
-        cv2.line(img, (x, y1), (x, y1 + 5), BLACK, 1)
-        _text(img, f"{v:.3g}", (x - 15, y1 + 22), 0.45)
-        frac = top * i / 5
-        y = int(y1 - frac / top * (y1 - y0))
-        cv2.line(img, (x0 - 5, y), (x0, y), BLACK, 1)
-        _text(img, f"{frac:.2f}", (x0 - 50, y + 5), 0.4)
-    if od > 0 or on > 0:
-        _text(img, f">{hi:.3g}", (x1 + 2, y1 + 40), 0.4)
-    _dashed_vline(img, xpix(old), y0, y1, GREY)
-    cv2.line(img, (xpix(new), y0), (xpix(new), y1), GREEN, 2, cv2.LINE_AA)
-    _text(img, "image score (normalised)", (W // 2 - 100, H - 20), 0.55)
-    _text(img, "fraction of frames", (5, y0 - 15), 0.45)
-    st = report["station"]
-    title = (
-        f"{st.get('line')}/{st.get('id')}: {len(normal)} normal"
-        + (f", {defect.size} defect" if defect.size else "")
-        + f" | target FAR {report['target_far']:g} @ {report['confidence']:.0%}"
-    )
-    _text(img, title, (x0, 25), 0.6, BLACK, 1)
-    legend = [
-        ("normal", BLUE),
-        *([("defect", RED)] if defect.size else []),
-        (f"old {old:.4g}", GREY),
-        (f"new {new:.4g}", GREEN),
-    ]
-    for i, (label, colour) in enumerate(legend):
-        y = y0 + 10 + 22 * i
-        cv2.rectangle(img, (x1 - 150, y - 10), (x1 - 135, y + 3), colour, -1)
-        _text(img, label, (x1 - 128, y + 2), 0.5)
-    return img
 
 
 def _json_safe(value: Any) -> Any:
