@@ -26,7 +26,7 @@ never choose anything. `validation_loo` is the check that needs no test image: e
 image in turn is left out, the thresholds are proposed again without it, and it counts as a
 false alarm if it reaches its class's threshold — for the pooled rule and for train/good as is.
 
-    .venv/bin/python benchmarks/calibration.py --artifact runs/art --data /work/shared/data \
+    .venv/bin/python benchmarks/calibration.py --artifact runs/art --data DATA \
         --dataset piped --held-out runs/piped/final.pt  # -> results/calibration_piped.json
 """
 

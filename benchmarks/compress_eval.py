@@ -6,7 +6,7 @@ test split with both models in OpenVINO (true f32 for FP32 and for INT8's float 
 against its fixed golden prompt, and computes the train stage's metrics per class and averaged.
 
     .venv/bin/python benchmarks/compress_eval.py --checkpoint runs/piped/final.pt \\
-        --dataset ../shared/data/piped --name piped
+        --dataset DATA/piped --name piped
 writes benchmarks/results/compress_piped.{json,md}.
 """
 

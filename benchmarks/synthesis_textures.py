@@ -6,7 +6,7 @@ each offline source — ``procedural``, ``images`` (other classes' training imag
 seeds, and evaluates each on the PIPED test set with the fixed golden prompt per class (test
 images are used only to judge, never to fit anything).
 
-    .venv/bin/python benchmarks/synthesis_textures.py --data ../shared/data/piped \
+    .venv/bin/python benchmarks/synthesis_textures.py --data DATA/piped \
         --epochs 10 --seeds 0
 
 Writes benchmarks/results/synthesis_textures.json.
@@ -129,7 +129,7 @@ def main() -> None:
             {
                 "what": "PIPED test metrics (fixed prompts) of a tiny OneNIP trained with each "
                 "Perlin texture source; same recipe, epochs and seeds",
-                "command": "benchmarks/synthesis_textures.py --data ../shared/data/piped "
+                "command": "benchmarks/synthesis_textures.py --data DATA/piped "
                 f"--epochs {args.epochs} --seeds {' '.join(map(str, seeds))}",
                 "model": MODEL,
                 "epochs": args.epochs,

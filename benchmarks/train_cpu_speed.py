@@ -1,7 +1,7 @@
 """Seconds per training epoch on this CPU for a recipe, at several thread counts.
 
     .venv/bin/python benchmarks/train_cpu_speed.py --config configs/train/cpu_small.yaml \
-        --data ../shared/data/piped --epochs 2 --threads 1 2
+        --data DATA/piped --epochs 2 --threads 1 2
 
 Writes benchmarks/results/train_cpu_speed.json (one entry per recipe and thread count; later
 runs of other recipes are merged in). The machine is shared, so the load average before and

@@ -6,7 +6,7 @@ the checkpoint's training facts (epochs, wall time, seconds per epoch, device) n
 figures from the reference study.
 
     python benchmarks/train_results.py --checkpoint runs/piped_cpu/last.pt \
-        --data ../shared/data/piped --dataset piped --command "lineguard train ..."
+        --data DATA/piped --dataset piped --command "lineguard train ..."
 """
 
 from __future__ import annotations

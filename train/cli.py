@@ -34,7 +34,7 @@ examples:
   lineguard train --data my_line --out runs/my_line
   lineguard train --data my_line --budget 10m --out runs/quick
   lineguard train --config configs/train/piped.yaml --data my_line --budget 2h
-  lineguard train --config configs/train/cpu_small.yaml --data ../shared/data/piped --epochs 5
+  lineguard train --config configs/train/cpu_small.yaml --data DATA/piped --epochs 5
   lineguard train --config configs/train/mtd.yaml --data mtd_256.npz --out runs/mtd
   lineguard train --config configs/train/piped.yaml --resume runs/piped/last.pt --epochs 400
 """
