@@ -12,9 +12,7 @@ frames, and the metrics and saved maps are at the ORIGINAL image size.
 from __future__ import annotations
 
 import csv
-import json
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ from lineguard.train.prompts import (
     retrieve_classes,
     to_tensor,
 )
+from lineguard.train.report import class_figures, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +212,6 @@ def evaluate_checkpoint(
         if save_maps is not None:
             write_maps(save_maps, test, maps, scores)
         if out_dir is not None:
-            from lineguard.train.report import class_figures
-
             class_figures(Path(out_dir), test, maps, scores, ckpt.get("calibration"))
 
         if random_prompts > 0:
@@ -268,8 +265,6 @@ def evaluate_checkpoint(
         model.train(was_training)
     results["eval_time_s"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:
-        from lineguard.train.report import write_reports
-
         write_reports(Path(out_dir), results)
     return results
 
@@ -308,8 +303,6 @@ def _evaluate_tiled(
         write_maps(save_maps, test, maps, scores)  # type: ignore[arg-type]
     results["eval_time_s"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:
-        from lineguard.train.report import write_reports
-
         write_reports(Path(out_dir), results)
     return results
 
@@ -334,20 +327,3 @@ def write_maps(
         w.writerow(["path", "score"])
         for s, sc in zip(test.samples, scores, strict=True):
             w.writerow([s.rel_path, repr(float(sc))])
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN -> None so the JSON stays standard."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    return obj
-
-
-def results_json(results: Mapping[str, Any]) -> str:
-    return json.dumps(json_safe(results), indent=2)

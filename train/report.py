@@ -8,6 +8,7 @@ display only.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,10 +64,26 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return text
 
 
+def json_safe(obj: Any) -> Any:
+    """NaN -> None so the JSON stays standard."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+def results_json(results: Mapping[str, Any]) -> str:
+    """Standard JSON (NaN as null) of evaluation results."""
+    return json.dumps(json_safe(results), indent=2)
+
+
 def write_reports(out_dir: Path, results: Mapping[str, Any]) -> None:
     """`metrics.json` and `metrics.md` in `out_dir`."""
-    from lineguard.train.evaluate import results_json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(results_json(results) + "\n")
     (out_dir / "metrics.md").write_text(markdown_table(results))
