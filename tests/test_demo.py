@@ -18,7 +18,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from lineguard.deploy.demo_support import find_mosquitto
+from lineguard.deploy.demo.support import find_mosquitto
 from lineguard.runtime import events as ev
 
 pytestmark = pytest.mark.slow

@@ -34,9 +34,9 @@ from typing import Any
 
 import yaml
 
-from lineguard.deploy.demo_line import LineRun
-from lineguard.deploy.demo_report import StepRecord, write_report
-from lineguard.deploy.demo_support import (
+from lineguard.deploy.demo.line import LineRun
+from lineguard.deploy.demo.report import StepRecord, write_report
+from lineguard.deploy.demo.support import (
     LocalBroker,
     Observed,
     StationInfo,
@@ -47,7 +47,7 @@ from lineguard.deploy.demo_support import (
     shown,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # station template file -> sample-line category it inspects
 STATIONS = {"paper-flr02": "pa_flr02_tl", "paper-bdp01": "pa_bdp01_tl"}
 TOTAL_STEPS = 11

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lineguard.deploy.demo_support import Observed, StationInfo
+from lineguard.deploy.demo.support import Observed, StationInfo
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:72em;color:#222}

@@ -1,7 +1,7 @@
 """The demo's live part: `lineguard run` from the installed release, watched until every
 folder-replay camera has ended and every event it raised has arrived, then stopped with SIGTERM.
 
-With a broker, alerts, statuses and stats come from the MQTT subscriber (`demo_support`); without
+With a broker, alerts, statuses and stats come from the MQTT subscriber (`support`); without
 one, the runtime prints each event as a JSON line on stdout and logs status changes, so both are
 read from its pipes instead.
 """
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from lineguard.deploy.demo_support import (
+from lineguard.deploy.demo.support import (
     Alert,
     Observed,
     StationInfo,
