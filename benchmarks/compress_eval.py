@@ -8,6 +8,10 @@ against its fixed golden prompt, and computes the train stage's metrics per clas
     .venv/bin/python benchmarks/compress_eval.py --checkpoint runs/piped/final.pt \\
         --dataset DATA/piped --name piped
 writes benchmarks/results/compress_piped.{json,md}.
+
+When the INT8 gate refuses every rung of the ladder, the artifact stays FP32 only (fail closed:
+that is what a station would run); the result then records the refusal of each rung and the FP32
+test figures, and `int8` is null.
 """
 
 from __future__ import annotations
@@ -33,34 +37,95 @@ def _clean(value):
     return value
 
 
-def build(args: argparse.Namespace) -> Path:
-    """Export + quantize into `<work>/artifact` (or reuse `--artifact`)."""
+def build(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """Export + quantize into `<work>/artifact` (or reuse `--artifact`); (artifact, the gate's
+    refusal when no INT8 rung passed, else None)."""
     from lineguard.compress.export import ExportOptions, export_artifact
-    from lineguard.compress.gates import AccuracyBudget
+    from lineguard.compress.gates import AccuracyBudget, GateError
     from lineguard.compress.quantize import QuantizeOptions, quantize_artifact
     from lineguard.runtime.artifact import load_card
 
     if args.artifact is not None:
         if "int8" not in load_card(args.artifact).precisions:
             raise SystemExit(f"{args.artifact} has no int8 model")
-        return args.artifact
+        return args.artifact, None
     art = args.work / "artifact"
     export_artifact(ExportOptions(checkpoint=args.checkpoint, out=art, force=True, data=args.data))
-    quantize_artifact(
-        QuantizeOptions(
-            artifact=art,
-            checkpoint=args.checkpoint,
-            data=args.data,
-            scheme=args.scheme,
-            preset=args.preset,
-            float_ops=args.float_ops,
-            accuracy_control=args.accuracy_control,
-            budget=AccuracyBudget(
-                image_auroc=args.max_image_auroc_drop, pixel_ap=args.max_pixel_ap_drop
-            ),
+    try:
+        quantize_artifact(
+            QuantizeOptions(
+                artifact=art,
+                checkpoint=args.checkpoint,
+                data=args.data,
+                scheme=args.scheme,
+                preset=args.preset,
+                float_ops=args.float_ops,
+                accuracy_control=args.accuracy_control,
+                budget=AccuracyBudget(
+                    image_auroc=args.max_image_auroc_drop, pixel_ap=args.max_pixel_ap_drop
+                ),
+            )
         )
+    except GateError as exc:
+        return art, str(exc)
+    return art, None
+
+
+def refusal(args: argparse.Namespace, art: Path, why: str) -> dict:
+    """Result when the gate kept no INT8 rung: each rung's refusal and the FP32 test figures."""
+    from lineguard.compress.checkpoint import load_checkpoint
+    from lineguard.compress.evalsets import labelled_set
+    from lineguard.compress.gates import metrics, run_graphs
+    from lineguard.runtime.artifact import load_card
+    from lineguard.runtime.engine import OpenVINORunner
+
+    card = load_card(art, verify=True)
+    ckpt = load_checkpoint(args.checkpoint)
+    test = labelled_set(args.dataset, ckpt)
+    files = card.precisions["fp32"].files
+    runner = OpenVINORunner(
+        art / files["prompt_encoder"], art / files["detector"], "fp32", threads=args.threads
     )
-    return art
+    m = metrics(run_graphs(runner, test, ckpt.prompts), test)
+    rungs = [part.strip() for part in why.split(" — ")[0].split(" | ")]
+    return _clean(
+        {
+            "dataset": args.name,
+            "dataset_root": str(args.dataset),
+            "checkpoint": str(args.checkpoint),
+            "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "artifact": str(art),
+            "input_size": card.input_size[0],
+            "test_images": len(test),
+            "shipped": "fp32",
+            "int8": None,
+            "gate_refused": rungs,
+            "fp32": {"mean": m["mean"]},
+            "per_class": {c: {"fp32": m[c]} for c in sorted(set(test.classes))},
+            "gate": {"export_parity": card.precisions["fp32"].parity},
+        }
+    )
+
+
+def refusal_markdown(r: dict) -> str:
+    lines = [
+        f"# Compression: FP32 vs INT8 on the {r['dataset']} test split",
+        "",
+        f"**No INT8 model: the accuracy gate refused every rung of the ladder** "
+        f"({len(r['gate_refused'])} tried), so the artifact stays FP32, which stations run.",
+        "",
+        "| | " + " | ".join(KEYS) + " |",
+        "|---|" + "---|" * len(KEYS),
+        "| FP32 | " + " | ".join(_pct(r["fp32"]["mean"][k]) for k in KEYS) + " |",
+        "",
+        "## Refusals",
+        "",
+        *[f"- {why}" for why in r["gate_refused"]],
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def evaluate(args: argparse.Namespace, art: Path) -> dict:
@@ -201,12 +266,13 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    art = build(args)
-    result = evaluate(args, art)
+    art, refused = build(args)
+    result = evaluate(args, art) if refused is None else refusal(args, art, refused)
+    text = markdown(result) if refused is None else refusal_markdown(result)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"compress_{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"compress_{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    (args.out / f"compress_{args.name}.md").write_text(text)
+    print(text)
     return result
 
 

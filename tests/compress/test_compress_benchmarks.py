@@ -75,6 +75,25 @@ def test_compress_eval_reports_fp32_and_int8(int8_artifact, checkpoint, dataset,
     assert "FP32 vs INT8" in (tmp_path / "compress_tiny.md").read_text()
 
 
+def test_compress_eval_records_a_gate_refusal(int8_artifact, checkpoint, dataset, tmp_path):
+    """No rung passed: the result says FP32 ships, lists each rung's refusal, scores FP32."""
+    bench = _load("compress_eval")
+    args = bench.argparse.Namespace(
+        checkpoint=checkpoint, dataset=dataset, name="tiny", threads=1, artifact=None
+    )
+    why = "[full/performance/bf16] image_auroc dropped | [float-stem/mixed/f32] class a dropped"
+    result = bench.refusal(args, int8_artifact, why + " — artifact left unchanged (FP32 only)")
+    assert result["shipped"] == "fp32" and result["int8"] is None
+    assert result["gate_refused"] == [
+        "[full/performance/bf16] image_auroc dropped",
+        "[float-stem/mixed/f32] class a dropped",
+    ]
+    assert all(0.0 <= v <= 1.0 for v in result["fp32"]["mean"].values())
+    assert set(result["per_class"]) == {"disc", "stripe"}
+    text = bench.refusal_markdown(result)
+    assert "refused every rung" in text and "(2 tried)" in text
+
+
 def test_dynamic_batch_export(checkpoint, tmp_path):
     model = load_checkpoint(checkpoint).build_model()
     export_graphs(model, tmp_path, dynamic_batch=True)
