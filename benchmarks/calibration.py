@@ -1,33 +1,22 @@
-"""Calibration benchmark: thresholds from normal training/validation images only, checked on the
-test split.
+"""Calibration benchmark: thresholds from normal images only, checked on the test split.
 
 One station per class of an MVTec-layout dataset (`<root>/<class>/train/good`, `test/good`,
 `test/<defect type>`), each with the artifact's golden prompt for that class (`model.json`
-`prompts`; else the first train/good image), no ROI or masks. Every class's train/good images
-are scored through its station pipeline; the image threshold for `--target-far` (default 1 %)
-then comes from
-
-* with `--held-out CKPT` (the checkpoint's validation split: images the model never trained
-  on): the held-out images of ALL classes pooled, each class on its own ruler (median and
-  mean absolute deviation of its trained-on images), as `lineguard.runtime.calibration.pool` says —
-  8 held-out images per class are too few alone, and trained-on images score optimistically low;
-* without it: all train/good images as they are (seen in training: optimistic).
-
-The pixel threshold comes from all train/good images (it shapes regions; the image threshold
-alone bounds false alarms). Then test/good and the defective test images are scored through the
-same pipeline and judged with those thresholds:
+`prompts`; else the first train/good image), no ROI or masks. For each station,
+`lineguard calibrate`'s fitting proposes image and pixel thresholds for `--target-far` (default
+1 %) from the train/good images scored through the station pipeline; then test/good and the
+defective test images are scored through the same pipeline and judged with those thresholds:
 
 * `test_fpr`    — fraction of test/good images the station would alert on,
 * `test_recall` — fraction of defective test images it would alert on,
 
 both at the decision level (image score ≥ image threshold and a region at the pixel threshold,
-as the runtime decides); the image-score-only figures are reported next to them. Test images
-never choose anything. `validation_loo` is the check that needs no test image: each held-out
-image in turn is left out, the thresholds are proposed again without it, and it counts as a
-false alarm if it reaches its class's threshold — for the pooled rule and for train/good as is.
+as the runtime decides); the image-score-only figures are reported next to them.
+Train/good images were seen in training, so their scores can be optimistic (lower) compared with
+unseen normal parts: the confidence margin is what protects the false-alarm rate.
 
     .venv/bin/python benchmarks/calibration.py --artifact runs/art --data DATA \
-        --dataset piped --held-out runs/piped/final.pt  # -> results/calibration_piped.json
+        --dataset piped        # -> benchmarks/results/calibration_piped.json
 """
 
 from __future__ import annotations
@@ -44,6 +33,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+MIN_SCORES = 20  # the tail fit's minimum (runtime/calibration/fit.py); fewer held-out: train/good
 
 
 def _station(cls: str, dataset: str, artifact: Path, prompt: Path, engine: str, precision: str):
@@ -72,22 +62,24 @@ def _prompt(artifact: Path, card: Any, root: Path, cls: str) -> tuple[Path, str]
     return first, "first train/good image"
 
 
-def _held_out_names(source: Path, root: Path) -> dict[str, set[str]]:
-    """Per class, the file names of the train/good images the checkpoint held out (its
-    validation split). `source` is the checkpoint, or a JSON file {"val": ["<ds>/<rel>", ...]}."""
-    if source.suffix == ".json":
-        keys = json.loads(source.read_text())["val"]
-    else:
-        import torch
+def _held_out_folders(ckpt_path: Path, data: Path) -> dict[str, Path]:
+    """Per class, a temporary folder linking the checkpoint's validation images (held out)."""
+    import tempfile
 
-        keys = torch.load(source, map_location="cpu", weights_only=False)["split"]["val"]
-    out: dict[str, set[str]] = {}
-    for key in keys:
-        rel = key.split("/", 1)[1]
-        if not (root / rel).is_file():
-            raise SystemExit(f"held-out image {key} not found under {root}")
-        cls, *_, name = rel.split("/")
-        out.setdefault(cls, set()).add(name)
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    tmp = Path(tempfile.mkdtemp(prefix="lineguard-heldout-"))
+    out: dict[str, Path] = {}
+    for key in ckpt["split"]["val"]:
+        dataset, rel = key.split("/", 1)
+        src = data / dataset / rel if (data / dataset / rel).is_file() else data / rel
+        if not src.is_file():
+            raise SystemExit(f"held-out image {key} not found under {data}")
+        cls = rel.split("/", 1)[0]
+        folder = out.setdefault(cls, tmp / cls)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / src.name).symlink_to(src.absolute())
     return out
 
 
@@ -96,44 +88,15 @@ def _defect_dirs(root: Path, cls: str) -> list[Path]:
     return sorted(d for d in test.iterdir() if d.is_dir() and d.name != "good")
 
 
-def _split(normal: Any, held_names: set[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out, trained-on) image scores of a class's train/good ScoreSet."""
-    image = normal.arrays()[0]
-    held = np.array([n in held_names for n in normal.names], bool)
-    return image[held], image[~held]
-
-
-def validation_loo(
-    groups: dict[str, tuple[np.ndarray, np.ndarray]], args: argparse.Namespace
-) -> dict[str, Any]:
-    """Leave-one-out false alarms of the held-out images (see the module docstring)."""
-    from lineguard.runtime.calibration.fit import propose_threshold
-    from lineguard.runtime.calibration.pool import propose_pooled
-
-    opts = {"n_boot": args.n_boot, "seed": args.seed}
-    pooled = as_is = trials = 0
-    for cls, (held, trained) in groups.items():
-        for i in range(held.size):
-            rest = np.delete(held, i)
-            others = {**groups, cls: (rest, trained)}
-            prop = propose_pooled(others, args.target_far, args.confidence, **opts)
-            pooled += bool(held[i] >= prop.for_group(cls).threshold)
-            t = propose_threshold(np.r_[rest, trained], args.target_far, args.confidence, **opts)
-            as_is += bool(held[i] >= t.threshold)
-            trials += 1
-
-    def rate(k: int) -> dict[str, Any]:
-        return {"false_alarms": k, "trials": trials, "rate": k / trials if trials else None}
-
-    return {"pooled": rate(pooled), "train_good_as_is": rate(as_is)}
-
-
-def evaluate_class(
-    scorer: Any, normal: Any, image: Any, root: Path, cls: str, args: argparse.Namespace
-) -> dict[str, Any]:
+def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) -> dict[str, Any]:
     from lineguard.runtime.calibration.report import make_report
     from lineguard.runtime.calibration.scoring import ScoreSet, folder_frames
 
+    folder, frames_from = root / cls / "train" / "good", "train/good (seen in training)"
+    held = args.held_out.get(cls)
+    if held is not None and len(list(held.iterdir())) >= MIN_SCORES:
+        folder, frames_from = held, "held out from training (validation split)"
+    normal = scorer.score_all(folder_frames(folder), True, f"{cls} calibration frames")
     report = make_report(
         station={"id": scorer.cfg.station_id, "line": scorer.cfg.line_id},
         normal=normal,
@@ -143,9 +106,7 @@ def evaluate_class(
         confidence=args.confidence,
         pixel_rate=args.pixel_rate,
         require_region=scorer.pipeline.require_region,
-        n_boot=args.n_boot,
         seed=args.seed,
-        image=image,
     )
     t_img, t_pix = report["proposed"]["image"], report["proposed"]["pixel"]
     good = scorer.score_all(folder_frames(root / cls / "test" / "good"), False, f"{cls} test/good")
@@ -173,6 +134,7 @@ def evaluate_class(
         "margin": report["image"]["margin"],
         "method": report["image"]["method"],
         "calibration_frames": len(normal),
+        "calibration_frames_from": frames_from,
         "test_good": len(good),
         "test_defective": len(bad),
         "train_alarm_rate": report["normal"]["at_proposed"]["normal_alarm_rate"],
@@ -184,7 +146,7 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2%}"
 
 
-def _args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--artifact", type=Path, required=True, help="model artifact folder")
     p.add_argument("--data", type=Path, required=True, help="data root (or the dataset folder)")
@@ -193,7 +155,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target-far", type=float, default=0.01)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--pixel-rate", type=float, default=0.001)
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the bound")
     p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
     p.add_argument(
         "--precision",
@@ -207,23 +168,20 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         "--held-out",
         type=Path,
         metavar="CKPT",
-        help="the training checkpoint whose validation split (images never trained on) sets the "
-        "image thresholds, pooled over classes (or a JSON file {'val': [keys]}); default: all "
-        "train/good as they are (seen in training: optimistic scores)",
+        help="calibrate each station on the normal images this training checkpoint HELD OUT "
+        "(its validation split: never trained on), as a station calibrates on its own new "
+        "frames; default: all of train/good (seen in training: optimistic scores)",
     )
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _args(argv)
+    args = p.parse_args(argv)
     args.artifact = args.artifact.absolute()
+    held_out_from = args.held_out
+    args.held_out = _held_out_folders(args.held_out, args.data) if args.held_out else {}
+
     from lineguard.runtime.artifact import load_card
-    from lineguard.runtime.calibration.pool import propose_pooled
-    from lineguard.runtime.calibration.scoring import StationScorer, folder_frames
+    from lineguard.runtime.calibration.scoring import StationScorer
     from lineguard.runtime.engine import load_engine
 
     root = args.data / args.dataset if (args.data / args.dataset).is_dir() else args.data
-    held_names = _held_out_names(args.held_out, root) if args.held_out else {}
     card = load_card(args.artifact)
     precision = args.precision or ("int8" if "int8" in card.precisions else "fp32")
     if args.engine == "onnxruntime":
@@ -237,32 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(args.artifact, backend=args.engine, precision=precision, threads=2)
     started = time.time()
     per_station: dict[str, Any] = {}
-    loo = None
     try:
-        scorers, normals, prompts = {}, {}, {}
-        for cls in classes:  # 1: score every class's train/good (thresholds need all of them)
-            prompt, prompts[cls] = _prompt(args.artifact, card, root, cls)
+        for cls in classes:
+            prompt, prompt_from = _prompt(args.artifact, card, root, cls)
             cfg = _station(cls, args.dataset, args.artifact, prompt, args.engine, precision)
-            scorers[cls] = StationScorer(cfg, engine=engine)
-            folder = folder_frames(root / cls / "train" / "good")
-            normals[cls] = scorers[cls].score_all(folder, True, f"{cls} train/good")
-        images: dict[str, Any] = dict.fromkeys(classes)
-        if held_names:
-            groups = {c: _split(normals[c], held_names.get(c, set())) for c in classes}
-            pooled = propose_pooled(
-                groups, args.target_far, args.confidence, n_boot=args.n_boot, seed=args.seed
-            )
-            images = {c: pooled.for_group(c) for c in classes}
-            loo = validation_loo(groups, args)
-        for cls in classes:  # 2: propose, then judge on the test split
-            r = evaluate_class(scorers[cls], normals[cls], images[cls], root, cls, args)
-            held = int(images[cls].pooled["group_held_out"]) if held_names else 0
-            r["image_threshold_from"] = (
-                f"held-out images of all {len(classes)} classes pooled ({held} of this class)"
-                if held_names
-                else "all train/good images as they are (seen in training)"
-            )
-            per_station[cls] = {**r, "prompt": prompts[cls]}
+            scorer = StationScorer(cfg, engine=engine)
+            per_station[cls] = {**evaluate_class(scorer, root, cls, args), "prompt": prompt_from}
+            r = per_station[cls]
             print(
                 f"{cls}: image threshold {r['image_threshold']:.4g} ({r['method']}), "
                 f"test FPR {_pct(r['test_fpr'])} of {r['test_good']}, "
@@ -275,24 +214,21 @@ def main(argv: list[str] | None = None) -> int:
         vals = [r[key] for r in per_station.values() if r[key] is not None]
         return float(np.mean(vals)) if vals else None
 
-    fprs = [r["test_fpr"] for r in per_station.values() if r["test_fpr"] is not None]
     result = {
         "target_far": args.target_far,
         "per_station": per_station,
         "mean": {"test_fpr": mean("test_fpr"), "test_recall": mean("test_recall")},
-        "worst_station_test_fpr": max(fprs) if fprs else None,
-        "validation_loo": loo,
         "dataset": args.dataset,
         "confidence": args.confidence,
         "pixel_rate": args.pixel_rate,
         "decision": "image score >= image_threshold and a region >= min_area_px at the pixel "
         "threshold (the runtime's rule)",
-        "image_thresholds_from": (
-            f"the normal images held out from training by {args.held_out.name} (its validation "
-            "split, never trained on), pooled over classes on each class's ruler (median and "
-            "mean absolute deviation of its trained-on images)"
-            if held_names
-            else "all train/good images as they are (seen in training)"
+        "calibration_frames": (
+            f"per station: the normal images held out from training by {held_out_from.name} "
+            f"(its validation split, never trained on) where there are >= {MIN_SCORES}, else "
+            "all train/good (see calibration_frames_from)"
+            if held_out_from
+            else "all train/good images (seen in training)"
         ),
         "artifact": {
             "name": card.name,
@@ -308,16 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["mean"]
-    print(
-        f"mean test FPR {_pct(m['test_fpr'])} (worst station "
-        f"{_pct(result['worst_station_test_fpr'])}), recall {_pct(m['test_recall'])} -> {out}"
-    )
-    if loo:
-        print(
-            "validation leave-one-out false alarms: pooled "
-            f"{loo['pooled']['false_alarms']}/{loo['pooled']['trials']}, train/good as is "
-            f"{loo['train_good_as_is']['false_alarms']}/{loo['train_good_as_is']['trials']}"
-        )
+    print(f"mean test FPR {_pct(m['test_fpr'])}, recall {_pct(m['test_recall'])} -> {out}")
     return 0
 
 

@@ -256,27 +256,3 @@ def test_edge_latency_tiled_tiny_merges_rows(tmp_path: Path) -> None:
     again = json.loads((out / "edge_latency.json").read_text())
     assert again["rows"] == committed["rows"] + tiled and again["tiled"] == block
     assert "## Tiled frame" in (out / "edge_latency.md").read_text()
-
-
-@pytest.mark.timeout(300)
-def test_calibration_rules_simulation_tiny(tmp_path: Path) -> None:
-    """The simulated comparison of threshold rules, one draw per cell: every tail shape and
-    sample size of the bound study, every scenario and rule of the training-bias study."""
-    out = tmp_path / "rules.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "calibration_rules.py"), "--reps", "1"]
-    cmd += ["--ns", "31", "--n-boot", "50", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=280, capture_output=True)
-    res = json.loads(out.read_text())
-    tails = ("normal", "exponential", "gumbel", "lognormal0.5", "lognormal1", "pareto3")
-    assert set(res["bound"]) == {f"{t}/n=31" for t in tails}
-    for cell in res["bound"].values():
-        assert set(cell) == {"fitted_shape", "shape_ucb_max_floor"}
-        assert all(0.0 <= v["coverage"] <= 1.0 and v["mean_rate"] >= 0 for v in cell.values())
-    assert len(res["training_bias"]) == 2 * 2 * 4  # sizes × tail mixes × bias kinds
-    for cell in res["training_bias"].values():
-        assert set(cell) == {"as_is", "pooled", "corrected", "corrected_margin"}
-    assert set(res["ruler"]["coefficient_of_variation"]["gumbel"]) == {
-        "mean_abs_deviation",
-        "q90_minus_median",
-        "std",
-    }

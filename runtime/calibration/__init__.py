@@ -2,9 +2,7 @@
 
 Modules (imported one by one, so `lineguard --help` stays light):
 
-* `fit` — the image threshold: an upper confidence bound of the normal-score (1 − α) quantile
-  (distribution-free order statistic, else a tail fit beyond the sample maximum);
-* `pool` — thresholds for several stations/classes from their pooled held-out frames;
+* `fit` — the image threshold: an upper confidence bound of the normal-score (1 − α) quantile;
 * `pixel` — the pixel threshold for region extraction;
 * `scoring` — frames through a station's exact pipeline;
 * `report`, `histogram` — `calibration.json` and `histogram.png`;

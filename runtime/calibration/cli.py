@@ -49,10 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="propose a station's thresholds from normal frames; apply live or to its file; undo",
         description=(
             "Score normal frames (the station's camera, or a folder) through the station's exact "
-            "pipeline (artifact, prompt, ROI, ignore masks) and propose the image threshold for a "
-            "target false-alarm rate as an upper confidence bound (distribution-free with enough "
-            "frames, else a tail fit beyond the largest normal score), and a pixel threshold from "
-            "the normal pixel scores. Use frames the model was not trained on. With "
+            "pipeline (artifact, prompt, ROI, ignore masks), fit the upper tail of the normal "
+            "image scores and propose the image threshold for a target false-alarm rate with a "
+            "stated confidence margin, and a pixel threshold from the normal pixel scores. With "
             "--defects, also recall/precision/F1 at the proposed and at the F1-optimal threshold. "
             "Writes calibration.json and histogram.png to --out. --apply config writes the "
             "station file (versioned backup <file>.bak.N); --apply mqtt sends threshold/set to "

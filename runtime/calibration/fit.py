@@ -1,38 +1,33 @@
-"""Image threshold from NORMAL scores only (numpy only: this runs on the edge PC).
+"""Image threshold fitting from NORMAL scores only (numpy only: this runs on the edge PC).
 
 Stations rarely have defect samples, so the image threshold is set for a target false-alarm rate
-α (e.g. 0.01 = one alarm per 100 normal parts) from the normal image scores, as an upper
-confidence bound (UCB) of their (1 − α) quantile q at `confidence` = 1 − δ (default δ = 0.05):
-the proposed threshold T satisfies P(q ≤ T) ≥ 1 − δ, i.e. with that confidence a normal frame
-exceeds T with probability ≤ α. The rule, in order:
+α (e.g. 0.001 = one alarm per 1,000 normal parts) from the upper tail of the normal image-score
+distribution, with a stated confidence margin:
 
-1. **Order statistic (distribution-free, exact).** The count of scores below q is
-   Binomial(n, 1 − α), so x₍ⱼ₎ ≥ q ⇔ at most j − 1 scores fall below q; the smallest j with
-   P(Binomial(n, 1 − α) ≤ j − 1) ≥ 1 − δ gives an exact UCB for any continuous distribution. It
-   exists once n ≥ ln δ / ln(1 − α) (299 frames for α = 0.01, 2,995 for 0.001, at δ = 0.05);
-   then it is proposed (never below the tail estimate), and the tail fit is only reported.
-2. **Tail fit beyond the sample maximum (fewer frames).** Then even the maximum is not a
-   1 − δ bound (P(x₍ₙ₎ ≥ q) = 1 − (1 − α)ⁿ: 27 % for 31 frames at α = 0.01), so the bound
-   must extrapolate. The k largest of n scores exceed u = x₍ₙ₋ₖ₎; their excesses are fitted
-   with a generalised Pareto distribution GPD(σ, ξ) by probability-weighted moments (Hosking &
-   Wallis 1987: closed form, robust for small k; ξ clipped to [`XI_MIN`, `XI_MAX`], as a strongly
-   negative ξ̂ from few excesses would claim a bounded tail), and P(X > x) ≈
-   (k/n)(1 + ξ(x − u)/σ)^(−1/ξ) gives the point **estimate** u + σ/ξ((k/(nα))^ξ − 1)
-   (u + σ ln(k/(nα)) for ξ = 0), exceeded with probability ≈ α. The bound is the largest of:
-   the 1 − δ quantile of the estimate over `n_boot` bootstrap resamples of the scores; the same over
-   `n_boot` samples of k excesses drawn from the fitted GPD **with the shape at its own upper
-   bound** (the 1 − δ quantile of the resampled ξ, mean excess kept); and the sample maximum.
-   Drawing at ξ̂ (as this module did before) understates the spread whenever ξ̂ came out low, and
-   ξ̂ from ~10–30 excesses spans ±0.3: in simulation (`benchmarks/calibration_rules.py`: normal,
-   exponential, Gumbel, lognormal σ 0.5 and 1, Pareto(3) scores, n = 20…298, α = 0.01,
-   δ = 0.05) the old bound held in 70–100 % of draws (mean false-alarm rate up to 1.14 %), this
-   one in 90–100 % (at most 0.42 %). The price is a higher threshold where data are few: at
-   n = 31 it is 1.9–2.5× the true quantile (old 1.3–1.65×), at n = 298 1.3–1.9×.
+* **Tail model (peaks over threshold).** The k largest of n scores exceed u = x₍ₙ₋ₖ₎; their
+  excesses y = x − u are fitted with a generalised Pareto distribution GPD(σ, ξ) by probability-
+  weighted moments (Hosking & Wallis 1987: closed form, robust for small k; ξ is clipped to
+  [`XI_MIN`, `XI_MAX`] because a strongly negative ξ̂ from a few excesses would claim a bounded
+  tail). P(X > x) ≈ (k/n)·(1 + ξ(x−u)/σ)^(−1/ξ), so the α-quantile is
+  u + σ/ξ·((k/(nα))^ξ − 1) (u + σ·ln(k/(nα)) for ξ = 0). This is the point **estimate**.
+* **Confidence margin.** The fit is repeated on `n_boot` bootstrap resamples of the scores
+  (captures the choice of u and the data) and on `n_boot` samples of k excesses drawn from the
+  fitted GPD (captures the ξ uncertainty that resampling few excesses understates); the larger of
+  the two `confidence` quantiles is the tail **upper confidence bound**. The percentile bootstrap
+  of an extrapolated quantile is approximate: in simulation (normal, exponential, Gumbel and
+  Pareto(3) scores, n = 30…1000, α = 0.01…0.001, 95 % nominal) the bound held in 72–98 % of
+  trials, the lower figures for heavy (Pareto) tails, which max-pooled anomaly scores rarely have.
+* **Order statistic (distribution-free).** When n is large enough, the smallest order statistic
+  x₍ⱼ₎ with P(Binomial(n, 1−α) ≤ j−1) ≥ confidence is an exact upper confidence bound of the true
+  (1−α)-quantile for any continuous distribution: it needs n ≥ ln(1−confidence)/ln(1−α)
+  (2,995 frames for α = 0.001 at 95 %). When it exists it is proposed (no model assumption;
+  never below the estimate); otherwise the tail bound is. Both are reported.
 
-Method names in the proposal: "order-statistic", "tail-bootstrap" (the tail bound is the
-largest), "sample-max" (the maximum is). All assume independent frames: consecutive frames of
-the same part are not independent, so calibrate on distinct parts. The pixel threshold is in
-`pixel.py`; several stations from pooled held-out frames in `pool.py`.
+The proposed threshold therefore has a true exceedance probability ≤ α with (approximately, for
+the tail bound) the stated confidence; the estimate's exceedance is ≈ α. Both assume independent
+frames: consecutive frames of the same part are not independent, so calibrate on distinct parts.
+
+The pixel threshold is in `pixel.py`, the defect metrics in `report.py`.
 """
 
 from __future__ import annotations
@@ -80,7 +75,7 @@ class ThresholdProposal:
     threshold: float
     estimate: float
     margin: float
-    method: str  # "order-statistic" | "tail-bootstrap" | "sample-max" | "empirical"
+    method: str  # "order-statistic" | "tail-bootstrap" | "empirical"
     target_rate: float
     confidence: float
     n: int
@@ -89,10 +84,8 @@ class ThresholdProposal:
     min_n_order_statistic: int
     tail: dict | None
     tail_ucb: float | None
-    sample_max: float
     empirical_rate_at_threshold: float
     warnings: list[str] = field(default_factory=list)
-    pooled: dict | None = None  # set for a group of a pooled proposal (pool.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,37 +135,31 @@ def fit_tail(scores: np.ndarray, k: int | None = None) -> TailFit:
     return TailFit(float(u), float(sigma), float(xi), k, n)
 
 
-def _tail_bootstrap(
-    x: np.ndarray, k: int, alpha: float, n_boot: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(tail-quantile estimate, ξ̂) of `n_boot` bootstrap resamples (vectorised, chunked)."""
+def _tail_bootstrap(x: np.ndarray, k: int, alpha: float, n_boot: int, seed: int) -> np.ndarray:
+    """Tail-quantile estimates of `n_boot` bootstrap resamples (vectorised, chunked)."""
     rng = np.random.default_rng(seed)
     n = x.size
-    quantiles, shapes = [], []
+    out = []
     chunk = max(1, 2_000_000 // n)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
         sample = np.sort(x[rng.integers(0, n, (b, n))], axis=1)
         u = sample[:, n - k - 1]
         sigma, xi = _pwm(sample[:, n - k :] - u[:, None])
-        quantiles.append(_gpd_quantile(u, sigma, xi, k / n, alpha))
-        shapes.append(xi)
-    return np.concatenate(quantiles), np.concatenate(shapes)
+        out.append(_gpd_quantile(u, sigma, xi, k / n, alpha))
+    return np.concatenate(out)
 
 
-def _gpd_parametric_bootstrap(
-    fit: TailFit, alpha: float, n_boot: int, seed: int, xi: float | None = None
-) -> np.ndarray:
-    """Tail-quantile estimates refitted on `n_boot` samples of k excesses drawn from the GPD
-    with shape `xi` (default the fitted one) and the fitted mean excess σ/(1 − ξ)."""
-    xi = fit.xi if xi is None else float(xi)
-    sigma = fit.sigma / (1.0 - fit.xi) * (1.0 - xi)
+def _gpd_parametric_bootstrap(fit: TailFit, alpha: float, n_boot: int, seed: int) -> np.ndarray:
+    """Tail-quantile estimates refitted on `n_boot` samples of k excesses drawn from the fit."""
     rng = np.random.default_rng(seed + 1)
     uniform = rng.random((n_boot, fit.k))
-    exponential = abs(xi) < 1e-9
-    excess = -sigma * np.log(uniform) if exponential else sigma / xi * (uniform ** (-xi) - 1.0)
-    sig, shape = _pwm(np.sort(excess, axis=1))
-    return _gpd_quantile(fit.u, sig, shape, fit.rate, alpha)
+    if abs(fit.xi) < 1e-9:
+        excess = -fit.sigma * np.log(uniform)
+    else:
+        excess = fit.sigma / fit.xi * (uniform ** (-fit.xi) - 1.0)
+    sigma, xi = _pwm(np.sort(excess, axis=1))
+    return _gpd_quantile(fit.u, sigma, xi, fit.rate, alpha)
 
 
 def _binom_cdf(j: np.ndarray, n: int, p: float) -> np.ndarray:
@@ -211,30 +198,6 @@ def order_statistic_ucb(
     return float(x[j - 1]), j
 
 
-def _tail_bound(
-    x: np.ndarray, k: int, alpha: float, confidence: float, n_boot: int, seed: int
-) -> tuple[TailFit, float, dict]:
-    """The tail fit, its estimate and its report dict (bound as in the module docstring)."""
-    fit = fit_tail(x, k)
-    estimate = fit.quantile(alpha)
-    resampled, shapes = _tail_bootstrap(x, k, alpha, n_boot, seed)
-    xi_ucb = float(min(max(np.quantile(shapes, confidence), fit.xi), XI_MAX))
-    parametric = _gpd_parametric_bootstrap(fit, alpha, n_boot, seed, xi_ucb)
-    ucb_np = float(np.quantile(resampled, confidence))
-    ucb_par = float(np.quantile(parametric, confidence))
-    tail = {
-        **asdict(fit),
-        "rate": fit.rate,
-        "quantile": estimate,
-        "xi_ucb": xi_ucb,
-        "ucb": max(ucb_np, ucb_par, estimate),
-        "ucb_resampling": ucb_np,
-        "ucb_parametric": ucb_par,
-        "model_rate_at_threshold": None,
-    }
-    return fit, estimate, tail
-
-
 def propose_threshold(
     scores: np.ndarray,
     target_rate: float,
@@ -256,36 +219,48 @@ def propose_threshold(
     n_min = min_n_order_statistic(target_rate, confidence)
     order = order_statistic_ucb(x, target_rate, confidence)
     empirical = float(np.quantile(x, 1.0 - target_rate)) if n else float("nan")
-    fit = tail = None
+    tail = tail_ucb = None
     if n >= MIN_SCORES:
         k = default_k(n) if k is None else int(k)
         if k / n > target_rate:
-            fit, estimate, tail = _tail_bound(x, k, target_rate, confidence, n_boot, seed)
+            fit = fit_tail(x, k)
+            estimate = fit.quantile(target_rate)
+            resampled = _tail_bootstrap(x, k, target_rate, n_boot, seed)
+            parametric = _gpd_parametric_bootstrap(fit, target_rate, n_boot, seed)
+            ucb_np = float(np.quantile(resampled, confidence))
+            ucb_par = float(np.quantile(parametric, confidence))
+            tail_ucb = max(ucb_np, ucb_par, estimate)
+            tail = {
+                **asdict(fit),
+                "rate": fit.rate,
+                "quantile": estimate,
+                "ucb": tail_ucb,
+                "ucb_resampling": ucb_np,
+                "ucb_parametric": ucb_par,
+                "model_rate_at_threshold": None,
+            }
         else:
             estimate = empirical  # the target is inside the sample: no extrapolation needed
     elif order is None:
         raise ValueError(f"{n} normal scores are too few: a tail fit needs at least {MIN_SCORES}")
     else:
         estimate = empirical
-    tail_ucb = None if tail is None else float(tail["ucb"])
-    sample_max = float(x.max())
     if order is not None:
         threshold, method = max(order[0], estimate), "order-statistic"
     elif tail_ucb is not None:
-        threshold, method = max((tail_ucb, "tail-bootstrap"), (sample_max, "sample-max"))
+        threshold, method = tail_ucb, "tail-bootstrap"
     else:
         threshold, method = estimate, "empirical"
         warnings.append("no confidence bound available: the threshold is the empirical quantile")
     if order is None and n < n_min:
         warnings.append(
-            f"{n} frames: the distribution-free bound needs {n_min}; the proposal extrapolates "
-            "beyond the largest score with the tail model (more frames give a smaller margin "
-            "and no model assumption)"
+            f"{n} frames: the distribution-free bound needs {n_min}; the proposal relies on the "
+            "tail model (more frames give a smaller margin and no model assumption)"
         )
-    if fit is not None:
+    if tail is not None:
         tail["model_rate_at_threshold"] = fit.exceedance(threshold)
     if n < 100:
-        warnings.append(f"only {n} normal frames: the margin is wide; 300+ distinct parts advised")
+        warnings.append(f"only {n} normal frames: the margin is wide; 200+ distinct parts advised")
     return ThresholdProposal(
         threshold=float(threshold),
         estimate=float(estimate),
@@ -299,7 +274,6 @@ def propose_threshold(
         min_n_order_statistic=n_min,
         tail=tail,
         tail_ucb=tail_ucb,
-        sample_max=sample_max,
         empirical_rate_at_threshold=float(np.mean(x >= threshold)) if n else 0.0,
         warnings=warnings,
     )

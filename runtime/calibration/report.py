@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lineguard.runtime.calibration.fit import ThresholdProposal, propose_threshold
+from lineguard.runtime.calibration.fit import propose_threshold
 from lineguard.runtime.calibration.histogram import render_histogram
 from lineguard.runtime.calibration.pixel import propose_pixel_threshold
 from lineguard.runtime.calibration.scoring import ScoreSet
@@ -30,18 +30,12 @@ REPORT_FORMAT = "lineguard-calibration/1"
 ROUND = 4
 
 IMAGE_METHOD = (
-    "Image threshold from normal image scores only: an upper confidence bound at `confidence` "
-    "of the score a normal frame exceeds with probability target_far. With enough frames "
-    "(ln(1-confidence)/ln(1-target_far), 299 for 0.01 at 95 %) the distribution-free "
-    "order-statistic (binomial) bound; with fewer, a peaks-over-threshold GPD tail fit "
-    "(probability-weighted moments) extrapolates beyond the largest score: the largest of the "
-    "resampling bootstrap bound, the parametric bootstrap bound drawn with the tail shape at "
-    "its upper bound, and the sample maximum. Assumes independent frames (distinct parts)."
-)
-POOLED_METHOD = (
-    " Pooled: the held-out frames of several stations/classes, each on its own ruler "
-    "(median and mean absolute deviation of its training-image scores), give one bound, mapped "
-    "back through each ruler."
+    "Image threshold from normal image scores only: peaks-over-threshold GPD tail fit "
+    "(probability-weighted moments) on the top k scores gives the estimate of the score a "
+    "normal frame exceeds with probability target_far; the proposal is an upper confidence "
+    "bound at `confidence`: the distribution-free order-statistic (binomial) bound when there "
+    "are enough frames, else the larger of the resampling and parametric bootstrap bounds of "
+    "the tail estimate. Assumes independent frames (distinct parts)."
 )
 PIXEL_METHOD = (
     "Pixel threshold: the score exceeded by a fraction pixel_rate of normal pixels (inside the "
@@ -122,13 +116,10 @@ def make_report(
     source: dict[str, Any] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
-    image: ThresholdProposal | None = None,
 ) -> dict[str, Any]:
-    """Fit the thresholds on `normal` and evaluate them (see the module docstring); `image`, when
-    given (a pooled proposal, `pool.py`), replaces the image threshold fitted on `normal`."""
+    """Fit the thresholds on `normal` and evaluate them (see the module docstring)."""
     image_scores, _ = normal.arrays()
-    if image is None:
-        image = propose_threshold(image_scores, target_far, confidence, n_boot=n_boot, seed=seed)
+    image = propose_threshold(image_scores, target_far, confidence, n_boot=n_boot, seed=seed)
     if normal.pixels is None:
         raise ValueError("normal scores were collected without pixel scores")
     pixel = propose_pixel_threshold(normal.pixels, pixel_rate, confidence, seed=seed)
@@ -146,10 +137,7 @@ def make_report(
         "confidence": confidence,
         "pixel_rate": pixel_rate,
         "require_region": require_region,
-        "method": {
-            "image": IMAGE_METHOD + (POOLED_METHOD if image.pooled else ""),
-            "pixel": PIXEL_METHOD,
-        },
+        "method": {"image": IMAGE_METHOD, "pixel": PIXEL_METHOD},
         "old": dict(old),
         "proposed": proposed,
         "image": image.to_dict(),
