@@ -71,6 +71,19 @@ def build(args: argparse.Namespace) -> tuple[Path, str | None]:
     return art, None
 
 
+def _header(args: argparse.Namespace, art: Path, card, test) -> dict:
+    """What was evaluated and how, shared by both kinds of result."""
+    return {
+        "dataset": args.name,
+        "dataset_root": str(args.dataset),
+        "checkpoint": str(args.checkpoint),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "artifact": str(art),
+        "input_size": card.input_size[0],
+        "test_images": len(test),
+    }
+
+
 def refusal(args: argparse.Namespace, art: Path, why: str) -> dict:
     """Result when the gate kept no INT8 rung: each rung's refusal and the FP32 test figures."""
     from lineguard.compress.checkpoint import load_checkpoint
@@ -90,13 +103,7 @@ def refusal(args: argparse.Namespace, art: Path, why: str) -> dict:
     rungs = [part.strip() for part in why.split(" — ")[0].split(" | ")]
     return _clean(
         {
-            "dataset": args.name,
-            "dataset_root": str(args.dataset),
-            "checkpoint": str(args.checkpoint),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "artifact": str(art),
-            "input_size": card.input_size[0],
-            "test_images": len(test),
+            **_header(args, art, card, test),
             "shipped": "fp32",
             "int8": None,
             "gate_refused": rungs,
@@ -164,13 +171,7 @@ def evaluate(args: argparse.Namespace, art: Path) -> dict:
     classes = sorted(set(test.classes))
     return _clean(
         {
-            "dataset": args.name,
-            "dataset_root": str(args.dataset),
-            "checkpoint": str(args.checkpoint),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "artifact": str(art),
-            "input_size": card.input_size[0],
-            "test_images": len(test),
+            **_header(args, art, card, test),
             "prompts": "fixed golden prompt per class (the checkpoint's, as in model.json)",
             "fp32": {"mean": m["fp32"]["mean"]},
             "int8": {"mean": m["int8"]["mean"]},
