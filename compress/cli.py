@@ -68,6 +68,11 @@ def _quantize(args: argparse.Namespace) -> int:
             image_auroc=args.max_image_auroc_drop,
             pixel_ap=args.max_pixel_ap_drop,
             aupro=args.max_aupro_drop,
+            **{
+                f"class_{key}": getattr(args, f"max_class_{key}_drop")
+                for key in ("image_auroc", "pixel_ap", "aupro")
+                if getattr(args, f"max_class_{key}_drop") is not None
+            },
         ),
         threads=args.threads,
     )
@@ -214,5 +219,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="gate budget for the class-mean AUPRO, fraction (default 0.01 = 1 pt; each class: "
         "2 pt)",
     )
+    for key, what, default in (
+        ("image_auroc", "image AUROC", "0.01"),
+        ("pixel_ap", "pixel AP", "0.015"),
+        ("aupro", "AUPRO", "0.02"),
+    ):
+        q.add_argument(
+            f"--max-class-{key.replace('_', '-')}-drop",
+            type=float,
+            help=f"gate budget for any one class's {what}, fraction (default {default})",
+        )
     q.add_argument("--threads", type=int, default=2, help="CPU threads for the gate (default 2)")
     q.set_defaults(handler=_quantize)

@@ -165,12 +165,19 @@ def test_quantize_cli_adds_int8_with_labelled_gate(artifact, dataset, tmp_path):
             "1",
             "--max-pixel-ap-drop",
             "1",
+            "--max-class-image-auroc-drop",
+            "1",
+            "--max-class-pixel-ap-drop",
+            "1",
+            "--max-class-aupro-drop",
+            "1",
         ]
     )
     assert rc == 0
     card = json.loads((out / "model.json").read_text())
     assert "labelled test split" in card["precisions"]["int8"]["evaluated_on"]
     assert card["precisions"]["int8"]["budgets"]["max_image_auroc_drop"] == 1.0
+    assert card["precisions"]["int8"]["budgets"]["max_class_image_auroc_drop"] == 1.0
 
 
 def _fake_quantize_count(xml) -> int:
