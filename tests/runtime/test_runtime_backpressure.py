@@ -18,7 +18,7 @@ import time
 import weakref
 from pathlib import Path
 
-from runtime_fakes import Collector, ScriptedStation, write_site
+from runtime_fakes import Collector, ScriptedStation, wait_until, write_site
 
 from lineguard.runtime.config import BrokerConfig
 from lineguard.runtime.config_loader import load_site
@@ -27,15 +27,6 @@ from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.service import Service
 
 FAST = {"reconnect_min_s": 1, "reconnect_max_s": 2}
-
-
-def _wait(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _events_in_paho(link: MqttLink) -> int:
@@ -62,7 +53,7 @@ def test_paused_broker_keeps_the_backlog_in_the_outbox_and_loses_nothing(tmp_pat
         for _ in range(5):
             station.feed(2.0, with_jpeg=True)
         assert sub.wait_for(lambda c: len(c.event_ids()) >= 5, 20)
-        assert _wait(lambda: service.outbox.depth() == 0)
+        assert wait_until(lambda: service.outbox.depth() == 0, 20.0)
 
         os.kill(mosquitto.proc.pid, signal.SIGSTOP)  # up, connected, silent
         paused = True
@@ -73,7 +64,7 @@ def test_paused_broker_keeps_the_backlog_in_the_outbox_and_loses_nothing(tmp_pat
             most_in_paho = max(most_in_paho, _events_in_paho(link))
         # The publisher tops its window up while at most `refill_at` rows are unacknowledged,
         # then waits for PUBACKs that do not come.
-        assert _wait(lambda: publisher.in_flight > publisher.refill_at)
+        assert wait_until(lambda: publisher.in_flight > publisher.refill_at, 20.0)
         most_in_paho = max(most_in_paho, _events_in_paho(link))
         assert most_in_paho <= publisher.window
         assert publisher.refill_at < publisher.peak_in_flight <= publisher.window
@@ -83,7 +74,7 @@ def test_paused_broker_keeps_the_backlog_in_the_outbox_and_loses_nothing(tmp_pat
         paused = False
         expected = 5 + n
         assert sub.wait_for(lambda c: len(set(c.event_ids())) >= expected, 60)
-        assert _wait(lambda: service.outbox.depth() == 0, 30)
+        assert wait_until(lambda: service.outbox.depth() == 0, 30)
         ids = sub.event_ids()
         assert len(set(ids)) == expected
         assert len(ids) - len(set(ids)) <= publisher.window  # re-sends only, bounded

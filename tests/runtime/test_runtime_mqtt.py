@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_fakes import Collector, ScriptedStation, write_site
+from runtime_fakes import Collector, ScriptedStation, wait_until, write_site
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.config import BrokerConfig, TLSConfig
@@ -33,15 +33,6 @@ def _service(tmp_path: Path, broker: dict | None, stations=("s1",), stdout=None)
 
 def _station(service: Service, sid: str = "s1") -> ScriptedStation:
     return service.slots[sid].station
-
-
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _check_schemas(sub: Collector) -> int:
@@ -80,7 +71,7 @@ def test_broker_outage_of_10s_loses_nothing_and_duplicates_nothing(tmp_path, mos
         assert sub.wait_for(lambda c: len(c.event_ids()) >= 20, 10)
 
         mosquitto.stop()
-        assert _wait(lambda: not service.link.connected, 10)
+        assert wait_until(lambda: not service.link.connected, 10)
         outage_start = time.monotonic()
         during = 0
         while time.monotonic() - outage_start < 10.5:  # >= 10 s of outage, events keep coming
@@ -94,7 +85,7 @@ def test_broker_outage_of_10s_loses_nothing_and_duplicates_nothing(tmp_path, mos
         assert service.link.wait_connected(15)
         expected = 20 + during
         assert sub.wait_for(lambda c: len(set(c.event_ids())) >= expected, 20)
-        assert _wait(lambda: service.outbox.depth() == 0, 10)
+        assert wait_until(lambda: service.outbox.depth() == 0, 10)
         ids = sub.event_ids()
         assert len(set(ids)) == expected  # every event, none invented
         assert len(ids) - len(set(ids)) <= service.publisher.window  # re-sends only, bounded
@@ -294,7 +285,7 @@ def test_wrong_password_is_refused_and_never_connected(tmp_path, mosquitto_tls, 
     link = MqttLink(cfg, "tls-bad-pw", "lineguard/edge1/available")
     try:
         link.start()
-        assert _wait(lambda: link.last_error is not None, 10)
+        assert wait_until(lambda: link.last_error is not None, 10)
         assert not link.connected and not link.wait_connected(2)
         assert "refused" in link.last_error
         assert "password" in link.last_error.lower() or "authori" in link.last_error.lower()
@@ -312,7 +303,7 @@ def test_untrusted_ca_is_a_clear_tls_error(tmp_path, mosquitto_tls):
     link = MqttLink(cfg, "tls-bad-ca", "lineguard/edge1/available")
     try:
         link.start()
-        assert _wait(lambda: link.last_error is not None, 10)
+        assert wait_until(lambda: link.last_error is not None, 10)
         assert not link.connected
         assert "TLS" in link.last_error and "certificate verify failed" in link.last_error.lower()
     finally:
