@@ -243,7 +243,7 @@ def export_artifact(opts: ExportOptions) -> Path:
     except BaseException:
         clean(out)
         raise
-    tokens_shape = (model.grid * model.grid, model.cfg.hidden_dim)
+    tokens_shape = (model.prompt_token_count, model.cfg.hidden_dim)
     encoder, detector = cards.graph_specs(ckpt.input_size, *tokens_shape, opts.dynamic_batch)
     fp32 = Precision(
         files={g: f"{g}.xml" for g in GRAPH_FILES},

@@ -49,7 +49,8 @@ class _Run:
             cfg.warmup_fraction,
             cfg.min_lr_fraction,
             cfg.proxy_evals,
-            closing_evals=1 + len(BLUR_SIGMAS),
+            # final proxy, one per map blur tried, the prompt-match choice
+            closing_evals=2 + len(BLUR_SIGMAS),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -186,10 +187,12 @@ def fit_budget(tr: Trainer) -> Path:
         tr.model.load_state_dict(run.best_state)
         tr.calibration = run.best_calibration
         blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
+        match = tr.choose_match()  # on held-out judge defects; inside the budget too
         tr.wall_time = clock.elapsed()
         tr.metrics = run.metrics()
         tr.metrics["wall_time_s"] = round(tr.wall_time, 2)
         tr.metrics["map_blur"] = blur
+        tr.metrics["prompt_match"] = match
         save_checkpoint(out_dir / "final.pt", tr.payload(run.best_point.get("epoch", 0)))
     bar.n = bar.total
     bar.close()

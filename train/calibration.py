@@ -44,24 +44,30 @@ def score_parts(
     prompts: Sequence[np.ndarray],
     device: torch.device | str,
     batch_size: int = 16,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(S_rec, M̂) as float32 ``N×H×W`` for each image against its class's fixed prompt."""
+    with_match: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(S_rec, M̂, H) as float32 ``N×H×W`` for each image against its class's fixed prompt;
+    H (the prompt match) when the model uses it or ``with_match``, else None."""
     was_training = model.training
     model.eval()
     labels = np.asarray(labels)
     n, h, w = len(images), images.shape[1], images.shape[2]
     s_rec = np.zeros((n, h, w), np.float32)
     m_hat = np.zeros((n, h, w), np.float32)
+    match = None
     for cls in np.unique(labels):
-        tokens = model.encode_prompt(to_tensor(prompts[int(cls)][None], device))
+        tokens = model.encode_prompt(to_tensor(prompts[int(cls)][None], device), with_match)
         idx = np.flatnonzero(labels == cls)
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
-            s, m = model.detect_parts(to_tensor(images[part], device), tokens)
+            s, m, hm = model.detect_parts(to_tensor(images[part], device), tokens)
             s_rec[part] = s[:, 0].float().cpu().numpy()
             m_hat[part] = m[:, 0].float().cpu().numpy()
+            if hm is not None:
+                match = np.zeros((n, h, w), np.float32) if match is None else match
+                match[part] = hm[:, 0].float().cpu().numpy()
     model.train(was_training)
-    return s_rec, m_hat
+    return s_rec, m_hat, match
 
 
 def midrange_scale(s_rec: np.ndarray) -> float:
@@ -79,11 +85,29 @@ def fusion_scale(s_rec: np.ndarray, m_hat: np.ndarray) -> float:
     return s_std / m_std
 
 
-def fused(model: OneNIP, s_rec: np.ndarray, m_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Fused maps and image scores exactly as :meth:`OneNIP.detect` computes them."""
+def learned_map(model: OneNIP, s_rec: np.ndarray, m_hat: np.ndarray) -> np.ndarray:
+    """The trained model's map ``(1-α)·S_rec + α·c·M̂``."""
     alpha = model.cfg.fusion_alpha
-    c = float(model.fusion_scale)
-    amap = (1.0 - alpha) * s_rec + alpha * c * m_hat
+    return (1.0 - alpha) * s_rec + alpha * float(model.fusion_scale) * m_hat
+
+
+def match_scale(learned: np.ndarray, match: np.ndarray) -> float:
+    """k = std(learned map) / std(H) over normal validation pixels: the same z-score rule as c."""
+    a, h = float(np.std(learned, dtype=np.float64)), float(np.std(match, dtype=np.float64))
+    k = a / h if h > 1e-12 else 1.0
+    return k if np.isfinite(k) and k > 0 else 1.0
+
+
+def fused(
+    model: OneNIP, s_rec: np.ndarray, m_hat: np.ndarray, match: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused maps and image scores exactly as :meth:`OneNIP.detect` computes them."""
+    amap = learned_map(model, s_rec, m_hat)
+    if model.uses_match:
+        if match is None:
+            raise ValueError("the model fuses the prompt match but no match map was scored")
+        w = model.cfg.match_weight
+        amap = (1.0 - w) * amap + w * float(model.match_scale) * match
     with torch.no_grad():
         scores = model.image_score(torch.from_numpy(amap[:, None])).numpy()
     return amap, scores
@@ -115,9 +139,12 @@ def calibrate(
     batch_size: int = 16,
 ) -> dict:
     """Measure c, store it in ``model.fusion_scale``, and return the normalisation dict."""
-    s_rec, m_hat = score_parts(model, images, labels, prompts, device, batch_size)
+    s_rec, m_hat, match = score_parts(model, images, labels, prompts, device, batch_size)
     model.fusion_scale.fill_(fusion_scale(s_rec, m_hat))
-    amap, scores = fused(model, s_rec, m_hat)
+    if match is not None:
+        model.match_scale.fill_(match_scale(learned_map(model, s_rec, m_hat), match))
+    amap, scores = fused(model, s_rec, m_hat, match)
     out = normalisation(scores, amap, source)
     out["fusion_scale"] = float(model.fusion_scale)
+    out["match_scale"] = float(model.match_scale)
     return out

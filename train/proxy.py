@@ -14,8 +14,16 @@ proxy = mean of the image AUROC (normal vs defective) and the pixel AP of the sy
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from lineguard.train.calibration import fused, fusion_scale, normalisation, score_parts
+from lineguard.train.calibration import (
+    fused,
+    fusion_scale,
+    learned_map,
+    match_scale,
+    normalisation,
+    score_parts,
+)
 from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_data import TrainingData
 
@@ -47,32 +55,43 @@ def proxy_and_calibration(
     validation images (``val_fraction`` 0) it falls back to the training images and no proxy
     is reported.
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     prompts = data.prompt_images()
     normal, labels, source = data.val_images, data.val_labels, "val"
     if len(normal) == 0:
         normal, labels, source = data.train_images, data.train_labels, "train"
     bad, masks, bad_labels = defects
     both = np.concatenate([normal, bad]) if len(bad) else normal
-    s_rec, m_hat = score_parts(model, both, np.concatenate([labels, bad_labels]), prompts, device)
+    s_rec, m_hat, match = score_parts(
+        model, both, np.concatenate([labels, bad_labels]), prompts, device
+    )
     n = len(normal)
     model.fusion_scale.fill_(fusion_scale(s_rec[:n], m_hat[:n]))
-    amap, scores = fused(model, s_rec, m_hat)
+    if match is not None:
+        model.match_scale.fill_(match_scale(learned_map(model, s_rec[:n], m_hat[:n]), match[:n]))
+    amap, scores = fused(model, s_rec, m_hat, match)
     calib = normalisation(scores[:n], amap[:n], source)
     calib["fusion_scale"] = float(model.fusion_scale)
+    calib["match_scale"] = float(model.match_scale)
     if len(bad) == 0 or source != "val":
         return {}, calib
-    y = np.r_[np.zeros(n), np.ones(len(bad))]
+    return separation(scores, amap, n, masks), calib
+
+
+def separation(scores: np.ndarray, amap: np.ndarray, n: int, masks: np.ndarray) -> dict:
+    """Proxy figures of ``n`` normal images followed by defective ones with ``masks``."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    bad = len(scores) - n
+    y = np.r_[np.zeros(n), np.ones(bad)]
     image_auroc = float(roc_auc_score(y, scores))
     # pixel AP over the defective half only: normal images add true negatives, not information
-    truth = (masks.reshape(len(bad), -1) > 0.5).ravel()
-    pixel_ap = float(average_precision_score(truth, amap[n:].reshape(len(bad), -1).ravel()))
+    truth = (masks.reshape(bad, -1) > 0.5).ravel()
+    pixel_ap = float(average_precision_score(truth, amap[n:].reshape(bad, -1).ravel()))
     return {
         "val_synthetic_image_auroc": image_auroc,
         "val_synthetic_pixel_ap": pixel_ap,
         "val_proxy": 0.5 * (image_auroc + pixel_ap),
-    }, calib
+    }
 
 
 #: Gaussian σ (input pixels) tried for the map smoothing; the first best wins ties (least blur)
@@ -107,3 +126,59 @@ def choose_map_blur(
     model.fusion_scale.fill_(calib["fusion_scale"])
     calib = {**calib, "map_blur_sigma": sigma}
     return proxy, calib, tried
+
+
+#: shares of the prompt match tried; the first best wins ties (the learned map alone first)
+MATCH_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+
+
+def choose_match_weight(
+    model: OneNIP,
+    data: TrainingData,
+    judged: tuple[np.ndarray, np.ndarray, np.ndarray],
+    device,
+    weights: tuple[float, ...] = MATCH_WEIGHTS,
+) -> tuple[dict, dict]:
+    """Pick the share of the prompt match (:mod:`lineguard.train.prompt_match`) on HELD-OUT
+    judge defects (:mod:`lineguard.train.judge_defects`) and set it with its scale k. Returns
+    (what was tried, the calibration of the final map). Call after :func:`choose_map_blur`
+    (c and the smoothing are kept).
+
+    Why not the usual proxy: its defects come from the training synthesis, which the refiner
+    learned, so it favours the learned map over anything untrained whatever the real defects.
+    """
+    normal, labels = data.val_images, data.val_labels
+    bad, masks, bad_labels = judged
+    if len(normal) == 0 or len(bad) == 0:
+        raise ValueError("choosing the prompt match needs validation images")
+    both = np.concatenate([normal, bad])
+    all_labels = np.concatenate([labels, bad_labels])
+    prompts = data.prompt_images()
+    s_rec, m_hat, match = score_parts(model, both, all_labels, prompts, device, with_match=True)
+    assert match is not None
+    n = len(normal)
+    learned = learned_map(model, s_rec, m_hat)
+    k = match_scale(learned[:n], match[:n])
+    tried: dict[str, dict[str, float]] = {}
+    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+    for w in weights:
+        amap = (1.0 - w) * learned + w * k * match
+        with torch.no_grad():
+            scores = model.image_score(torch.from_numpy(amap[:, None])).numpy()
+        figures = separation(scores, amap, n, masks)
+        tried[f"{w:g}"] = figures
+        if best is None or figures["val_proxy"] > best[1]:
+            best = (w, figures["val_proxy"], scores, amap)
+    assert best is not None
+    w, _, scores, amap = best
+    model.cfg.match_weight = float(w)
+    model.match_scale.fill_(k)
+    calib = normalisation(scores[:n], amap[:n], "val")
+    calib.update(fusion_scale=float(model.fusion_scale), match_scale=k)
+    info = {
+        "weight": float(w),
+        "match_scale": k,
+        "judge": "held-out defect family (train/judge_defects.py), never trained on",
+        "tried": tried,
+    }
+    return info, calib

@@ -20,7 +20,18 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from lineguard.train import prompt_match as pm
 from lineguard.train.backbone import NECK_STRIDE, FrozenBackbone, neck
+from lineguard.train.model_layers import (
+    DecoderLayer,
+    EncoderLayer,
+    Refiner,
+    feature_jitter,
+    gaussian_matrix,
+    neighbor_mask,
+)
+
+__all__ = ["OneNIP", "OneNIPConfig", "count_parameters", "gaussian_matrix", "neighbor_mask"]
 
 #: maps ``B×1×h×w`` to ``B×1×H×W`` (the input size); default `bilinear_up`
 Upsample = Callable[[torch.Tensor, int], torch.Tensor]
@@ -62,6 +73,14 @@ class OneNIPConfig(BaseModel):
         description="Chosen after training on the validation proxy (train/proxy.py), like the "
         "fusion scale; inside the exported detector it is two constant matrix products.",
     )
+    match_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="share of the training-free prompt-match map in the final map; 0 = not used",
+        description="Chosen after training on held-out validation defects (train/prompt_match.py)",
+    )
+    match_radius: int = Field(2, ge=0, le=4, title="prompt-match search radius, stride-4 cells")
 
     @model_validator(mode="after")
     def _check(self) -> OneNIPConfig:
@@ -81,112 +100,6 @@ class OneNIPConfig(BaseModel):
     @property
     def grid(self) -> int:
         return self.input_size // NECK_STRIDE
-
-
-def gaussian_matrix(n: int, sigma: float) -> torch.Tensor:
-    """``n×n`` matrix G with ``G @ x @ G.T`` = Gaussian smoothing of an n×n map (σ in pixels).
-
-    Truncated at 4σ and each row renormalised, so borders are not darkened and a constant map
-    stays constant. Linear: smoothing the two maps then fusing equals smoothing the fused map.
-    """
-    idx = torch.arange(n, dtype=torch.float64)
-    d = idx[:, None] - idx[None, :]
-    w = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= 4.0 * sigma)
-    return (w / w.sum(dim=1, keepdim=True)).float()
-
-
-def neighbor_mask(h: int, w: int, k: int) -> torch.Tensor:
-    """Additive (h·w)×(h·w) mask: -inf where the key lies in the query's (2k+1)² window.
-
-    The window includes the token itself (UniAD neighbour-masked attention), clipped at borders.
-    """
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    near = ((ys[:, None] - ys[None, :]).abs() <= k) & ((xs[:, None] - xs[None, :]).abs() <= k)
-    mask = torch.zeros(h * w, h * w)
-    mask[near] = float("-inf")
-    return mask
-
-
-def feature_jitter(tokens: torch.Tensor, scale: float) -> torch.Tensor:
-    """UniAD jitter: f + ε·‖f‖₂/C·scale, ε ~ N(0, I), per token (last dim = C)."""
-    c = tokens.shape[-1]
-    norm = tokens.norm(dim=-1, keepdim=True) / c
-    return tokens + torch.randn_like(tokens) * norm * scale
-
-
-class EncoderLayer(nn.Module):
-    """DETR post-norm encoder layer; positions on q and k only."""
-
-    def __init__(self, d: int, nhead: int, ff: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d, nhead, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d, ff)
-        self.linear2 = nn.Linear(ff, d)
-        self.norm1 = nn.LayerNorm(d)
-        self.norm2 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, s: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        q = s + pos
-        a = self.self_attn(q, q, s, attn_mask=mask, need_weights=False)[0]
-        s = self.norm1(s + self.dropout1(a))
-        f = self.linear2(self.dropout(F.relu(self.linear1(s))))
-        return self.norm2(s + self.dropout2(f))
-
-
-class DecoderLayer(nn.Module):
-    """Bidirectional layer (post-fix): prompt attends to image, MLP, image attends to prompt."""
-
-    def __init__(self, d: int, nhead: int, ff: int, dropout: float) -> None:
-        super().__init__()
-        self.cross_attn_prompt_to_image = nn.MultiheadAttention(
-            d, nhead, dropout=dropout, batch_first=True
-        )
-        self.mlp = nn.Sequential(nn.Linear(d, ff), nn.ReLU(), nn.Linear(ff, d))
-        self.cross_attn_image_to_prompt = nn.MultiheadAttention(
-            d, nhead, dropout=dropout, batch_first=True
-        )
-        self.norm1 = nn.LayerNorm(d)
-        self.norm2 = nn.LayerNorm(d)
-        self.norm3 = nn.LayerNorm(d)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-
-    def forward(
-        self, p: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.cross_attn_prompt_to_image(p + pos, x + pos, x, attn_mask=mask, need_weights=False)
-        p = self.norm1(p + self.dropout1(a[0]))
-        p = self.norm2(p + self.dropout2(self.mlp(p)))
-        b = self.cross_attn_image_to_prompt(x + pos, p + pos, p, attn_mask=mask, need_weights=False)
-        x = self.norm3(x + self.dropout3(b[0]))
-        return p, x
-
-
-class Refiner(nn.Module):
-    """|F̂ − F| (C ch, h×w) -> logit at 4h×4w: [conv3 -> BN -> ReLU -> ConvT×2] ×2 -> 1×1."""
-
-    def __init__(self, in_channels: int, width: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c = in_channels
-        for _ in range(2):
-            layers += [
-                nn.Conv2d(c, width, 3, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.ConvTranspose2d(width, width, 2, stride=2),
-            ]
-            c = width
-        self.blocks = nn.Sequential(*layers)
-        self.predict = nn.Conv2d(width, 1, 1)
-
-    def forward(self, err: torch.Tensor) -> torch.Tensor:
-        return self.predict(self.blocks(err))
 
 
 class OneNIP(nn.Module):
@@ -226,8 +139,18 @@ class OneNIP(nn.Module):
         self.register_buffer("attn_mask", neighbor_mask(h, h, cfg.neighbor_size // 2), False)
         # c in (1-α)·S_rec + α·c·M̂; set by the trainer from NORMAL validation images.
         self.register_buffer("fusion_scale", torch.tensor(1.0))
+        # k in (1-w)·A + w·k·H: H's spread matched to the learned map A's on normal validation
+        self.register_buffer("match_scale", torch.tensor(1.0))
+        self.match_channels = pm.match_channels(self.backbone.channels)
+        self.match_grid = cfg.input_size // pm.MATCH_STRIDE
+        self.match_rows = pm.match_token_count(self.backbone.channels, cfg.input_size, d)
         self.set_map_blur(cfg.map_blur_sigma)
         self._init_weights()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before the prompt match have no k: 1.0 (unused while its weight is 0)
+        state_dict.setdefault(prefix + "match_scale", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_map_blur(self, sigma: float) -> None:
         """Smooth both maps with a Gaussian of ``sigma`` input pixels from now on (0 = off);
@@ -258,10 +181,22 @@ class OneNIP(nn.Module):
         nn.init.uniform_(self.col_embed.weight)
 
     # ---------------------------------------------------------------- building blocks
+    def taps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's /2, /4, /8, /16 taps of normalised images."""
+        return self.backbone((images - self.mean) / self.std)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone + neck: ``B×C×h×w`` (deterministic, so it can be cached)."""
-        x = (images - self.mean) / self.std
-        return neck(self.backbone(x), (self.grid, self.grid))
+        return neck(self.taps(images), (self.grid, self.grid))
+
+    @property
+    def uses_match(self) -> bool:
+        return self.cfg.match_weight > 0.0
+
+    @property
+    def prompt_token_count(self) -> int:
+        """Rows of the prompt tokens: the grid's tokens, plus the packed match descriptors."""
+        return self.grid * self.grid + (self.match_rows if self.uses_match else 0)
 
     def pos_embed(self) -> torch.Tensor:
         """Learned 2-D embedding, ``1×(h·w)×D``: first half column (x), second half row (y)."""
@@ -313,27 +248,50 @@ class OneNIP(nn.Module):
         return upsample(s, self.cfg.input_size)
 
     # ---------------------------------------------------------------- entry points
-    def encode_prompt(self, images: torch.Tensor) -> torch.Tensor:
-        """Prompt images ``B×3×H×W`` -> encoder tokens ``B×(h·w)×D`` (no query involved)."""
-        return self.encode(self.jitter(self.tokens(self.features(images))))
+    def encode_prompt(self, images: torch.Tensor, with_match: bool | None = None) -> torch.Tensor:
+        """Prompt images ``B×3×H×W`` -> tokens ``B×(h·w)×D`` (no query involved), followed by
+        the packed prompt-match descriptors when the match is used (or ``with_match``)."""
+        taps = self.taps(images)
+        tokens = self.encode(self.jitter(self.tokens(neck(taps, (self.grid, self.grid)))))
+        if self.uses_match if with_match is None else with_match:
+            d = self.cfg.hidden_dim
+            packed = pm.pack(pm.descriptors(taps), self.match_rows, d).to(tokens.dtype)
+            tokens = torch.cat([tokens, packed], dim=1)
+        return tokens
 
     def detect_parts(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(S_rec, M̂), each ``B×1×H×W``; the trainer measures ``fusion_scale`` from these."""
-        feats = self.features(images)
-        rec = self.reconstruct(self.encode(self.tokens(feats)), prompt_tokens)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(S_rec, M̂, H), each ``B×1×H×W``; H (the prompt match) only when the tokens carry
+        the prompt's descriptors, else None. The trainer measures the fusion scales from these.
+        """
+        taps = self.taps(images)
+        feats = neck(taps, (self.grid, self.grid))
+        n = self.grid * self.grid
+        rec = self.reconstruct(self.encode(self.tokens(feats)), prompt_tokens[:, :n])
         m_hat = torch.sigmoid(self.refine_logit((rec - feats).abs(), upsample))
-        return self.smooth(self.rec_map(rec, feats, upsample)), self.smooth(m_hat)
+        match = None
+        if prompt_tokens.shape[1] > n:
+            ref = pm.unpack(prompt_tokens[:, n:], self.match_channels, self.match_grid)
+            query = pm.descriptors(taps)
+            dist = pm.match_distance(query, ref.to(query.dtype), self.cfg.match_radius)
+            match = self.smooth(upsample(dist, self.cfg.input_size))
+        return self.smooth(self.rec_map(rec, feats, upsample)), self.smooth(m_hat), match
 
     def anomaly_map(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up
     ) -> torch.Tensor:
-        """Fused map ``(1-α)·S_rec + α·c·M̂``, ``B×1×H×W``; `upsample` lets export swap the
-        resize for an equivalent that compiles faster."""
-        s_rec, m_hat = self.detect_parts(images, prompt_tokens, upsample)
+        """Fused map ``(1-w)·((1-α)·S_rec + α·c·M̂) + w·k·H``, ``B×1×H×W`` (w = match_weight,
+        0 by default); `upsample` lets export swap the resize for one that compiles faster."""
+        s_rec, m_hat, match = self.detect_parts(images, prompt_tokens, upsample)
         alpha = self.cfg.fusion_alpha
-        return (1.0 - alpha) * s_rec + alpha * self.fusion_scale * m_hat
+        amap = (1.0 - alpha) * s_rec + alpha * self.fusion_scale * m_hat
+        if not self.uses_match:
+            return amap
+        if match is None:
+            raise ValueError("this model fuses the prompt match: encode the prompt with it")
+        w = self.cfg.match_weight
+        return (1.0 - w) * amap + w * self.match_scale * match
 
     def detect(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor

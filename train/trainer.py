@@ -34,9 +34,11 @@ from lineguard.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from lineguard.train.judge_defects import JudgeDefects
 from lineguard.train.losses import onenip_loss
 from lineguard.train.proxy import (
     choose_map_blur,
+    choose_match_weight,
     proxy_and_calibration,
     synthetic_validation,
 )
@@ -157,8 +159,9 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
         # the map smoothing is chosen after training (on validation), not part of what trains
-        mine = self.cfg.model.model_dump(mode="json", exclude={"map_blur_sigma"})
-        theirs = {k: v for k, v in ckpt["model_config"].items() if k != "map_blur_sigma"}
+        chosen = {"map_blur_sigma", "match_weight"}
+        mine = self.cfg.model.model_dump(mode="json", exclude=chosen)
+        theirs = {k: v for k, v in ckpt["model_config"].items() if k not in chosen}
         if theirs != mine:
             raise LineGuardError(f"{path}: its model config differs from this run's `model:`")
         if ckpt["data_fingerprint"] != self.data.fingerprint:
@@ -338,6 +341,14 @@ class Trainer:
         )
         return {"sigma": self.model.cfg.map_blur_sigma, "val_proxy": proxy, "tried": tried}
 
+    def choose_match(self) -> dict:
+        """Pick the prompt-match share on held-out judge defects, then recalibrate with it."""
+        if len(self.data.val_images) == 0:
+            return {"weight": 0.0, "why": "no validation images to judge it on"}
+        judged = synthetic_validation(self.data, JudgeDefects(), self.cfg.seed)
+        info, self.calibration = choose_match_weight(self.model, self.data, judged, self.device)
+        return info
+
     def payload(self, epoch: int) -> dict:
         """The checkpoint dict of the model as it is now (calibration must be current)."""
         data = self.data
@@ -358,9 +369,11 @@ class Trainer:
         final one also chooses the map smoothing on validation."""
         proxy = self.evaluate_proxy()
         blur = self.choose_map_blur() if final else None
+        match = self.choose_match() if final else None
         self.metrics = {
             **proxy,
             **({"map_blur": blur} if blur else {}),
+            **({"prompt_match": match} if match else {}),
             **{f"train_{k}": v for k, v in self.history[-1].items() if k not in ("epoch",)},
             "seconds_per_epoch": self.wall_time / max(len(self.history), 1),
             "run_wall_s": time.perf_counter() - self.t_start,  # this invocation, setup included
@@ -436,9 +449,16 @@ def recalibrate(
         ckpt["model_config"] = {**ckpt["model_config"], "map_blur_sigma": sigma}
         ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "map_blur_sigma": sigma}
         ckpt["metrics"]["map_blur"] = {"sigma": sigma, "tried": tried}
+        judged = synthetic_validation(td, JudgeDefects(), cfg.seed)
+        match, calib = choose_match_weight(model, td, judged, device)
+        w = model.cfg.match_weight
+        ckpt["model_config"] = {**ckpt["model_config"], "match_weight": w}
+        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "match_weight": w}
+        ckpt["metrics"]["prompt_match"] = match
     else:
         calib = calibrate(model, images, labels, prompts, device, source)
     ckpt["calibration"] = calib
     ckpt["state_dict"]["fusion_scale"] = model.fusion_scale.detach().cpu().clone()
+    ckpt["state_dict"]["match_scale"] = model.match_scale.detach().cpu().clone()
     save_checkpoint(out or path, ckpt)
     return calib

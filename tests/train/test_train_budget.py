@@ -150,10 +150,15 @@ def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -
     blur = m["map_blur"]
     tried = {float(k): v["val_proxy"] for k, v in blur["tried"].items()}
     assert blur["sigma"] == max(tried, key=tried.get) == ckpt["model_config"]["map_blur_sigma"]
+    # ... and the prompt-match share on held-out judge defects: the first best one tried
+    match = m["prompt_match"]
+    shares = {float(k): v["val_proxy"] for k, v in match["tried"].items()}
+    assert match["weight"] == max(shares, key=shares.get) == ckpt["model_config"]["match_weight"]
+    assert ckpt["calibration"]["match_scale"] == pytest.approx(match["match_scale"])
     # the shipped weights are those evaluated at the best point: best.pt holds the same
     best = read_checkpoint(tmp_path / "out" / "best.pt")
     for key, value in ckpt["state_dict"].items():
-        if key != "fusion_scale":  # re-measured with the chosen smoothing
+        if key not in ("fusion_scale", "match_scale"):  # re-measured after the choices
             assert torch.equal(value, best["state_dict"][key]), key
     # the split is recorded: 4 validation images per class, none of them trained on
     assert len(ckpt["split"]["val"]) == 2 * 4

@@ -89,7 +89,8 @@ def test_detect_shapes_ranges_and_parts(model):
     with torch.no_grad():
         tokens = model.encode_prompt(p)
         amap, score = model.detect(x, tokens)
-        s_rec, m_hat = model.detect_parts(x, tokens)
+        s_rec, m_hat, match = model.detect_parts(x, tokens)
+    assert match is None  # the prompt match is off by default: tokens carry no descriptors
     n = (SIZE // 16) ** 2
     assert tokens.shape == (1, n, 32)
     assert amap.shape == (2, 1, SIZE, SIZE) and amap.dtype == torch.float32
@@ -206,7 +207,7 @@ def test_prompt_tokens_do_not_depend_on_the_query(model):
         again = model.encode_prompt(p)
         batched = model.encode_prompt(torch.cat([p, images(1, 15)]))[:1]
     torch.testing.assert_close(alone, again)
-    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, batched, atol=1e-4, rtol=1e-4)  # batched kernels differ
     # ... and the detection depends on the prompt.
     x = images(1, 16)
     with torch.no_grad():
