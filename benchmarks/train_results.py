@@ -97,6 +97,7 @@ def main() -> None:
         "targets": TARGETS.get(args.dataset),
         "val_proxy": metrics.get("val_proxy"),
         "map_blur": metrics.get("map_blur"),
+        "prompt_match": metrics.get("prompt_match"),
         "kept": metrics.get("best"),
         "curve": [
             {

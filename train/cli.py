@@ -144,8 +144,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def run_recalibrate(args: argparse.Namespace) -> int:
     import torch
 
+    from lineguard.train.recalibrate import recalibrate
     from lineguard.train.train_config import DataConfig
-    from lineguard.train.trainer import recalibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,6 +188,8 @@ def _default_config(args: argparse.Namespace):
     out = Path(over.get("out_dir", "runs/train"))
     recipe, why = default_recipe(DataConfig.model_validate(over["data"]), cuda, out)
     cfg = TrainConfig.model_validate(_merge(recipe, over))
+    if cfg.budget is not None and cfg.budget != recipe["budget"]:  # --budget replaced it
+        why = why.rsplit(", budget ", 1)[0] + f", budget {cfg.budget / 60:g} min (--budget)"
     print(why, flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.yaml").write_text(

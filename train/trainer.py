@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lineguard.runtime.errors import LineGuardError
-from lineguard.train.calibration import calibrate, to_tensor
+from lineguard.train.calibration import to_tensor
 from lineguard.train.checkpoint import (
     checkpoint_payload,
     read_checkpoint,
@@ -43,7 +43,7 @@ from lineguard.train.proxy import (
     synthetic_validation,
 )
 from lineguard.train.torch_model import OneNIP
-from lineguard.train.train_config import DataConfig, TrainConfig
+from lineguard.train.train_config import TrainConfig
 from lineguard.train.train_data import (
     EpochSampler,
     SyntheticDefects,
@@ -409,56 +409,3 @@ def _append_log(path: Path, row: dict) -> None:
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run a full training; returns the final checkpoint path."""
     return Trainer(cfg, progress).fit()
-
-
-def recalibrate(
-    path: str | Path,
-    out: str | Path | None = None,
-    data: DataConfig | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    choose_blur: bool = True,
-) -> dict:
-    """Re-measure a checkpoint's map smoothing, fusion scale and score normalisation (no
-    training).
-
-    For checkpoints written by an older calibration rule, or after changing it. The normal
-    validation split is rebuilt from the checkpoint's own recipe (``data`` overrides where the
-    images are now) and must give the same data fingerprint. Returns the new calibration.
-    """
-    from lineguard.train.checkpoint import load_model, prompt_images
-
-    ckpt = read_checkpoint(path)
-    cfg = TrainConfig.model_validate(ckpt["train_config"])
-    td = load_training_data_for(cfg, progress=progress, data=data)
-    if td.fingerprint != ckpt["data_fingerprint"]:
-        raise LineGuardError(f"{path}: the data found now is not the data it was trained on")
-    if td.classes != list(ckpt["classes"]):
-        raise LineGuardError(f"{path}: classes {ckpt['classes']} but the data has {td.classes}")
-    model, _ = load_model(path, device)
-    stored = prompt_images(ckpt)
-    prompts = [stored[c] for c in td.classes]
-    images, labels, source = td.val_images, td.val_labels, "val"
-    if len(images) == 0:
-        images, labels, source = td.train_images, td.train_labels, "train"
-    ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
-    if source == "val" and choose_blur:
-        defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
-        _, calib, tried = choose_map_blur(model, td, defects, device)
-        sigma = model.cfg.map_blur_sigma
-        ckpt["model_config"] = {**ckpt["model_config"], "map_blur_sigma": sigma}
-        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "map_blur_sigma": sigma}
-        ckpt["metrics"]["map_blur"] = {"sigma": sigma, "tried": tried}
-        judged = synthetic_validation(td, JudgeDefects(), cfg.seed)
-        match, calib = choose_match_weight(model, td, judged, device)
-        w = model.cfg.match_weight
-        ckpt["model_config"] = {**ckpt["model_config"], "match_weight": w}
-        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "match_weight": w}
-        ckpt["metrics"]["prompt_match"] = match
-    else:
-        calib = calibrate(model, images, labels, prompts, device, source)
-    ckpt["calibration"] = calib
-    ckpt["state_dict"]["fusion_scale"] = model.fusion_scale.detach().cpu().clone()
-    ckpt["state_dict"]["match_scale"] = model.match_scale.detach().cpu().clone()
-    save_checkpoint(out or path, ckpt)
-    return calib
