@@ -35,8 +35,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import edge_latency as el  # the sibling scripts: timing, model and results helpers
-import runtime_throughput as rt
+from edge_latency_engines import file_mb, synthetic_frames
 from edge_latency_report import TILED, write_merged
+from throughput_inputs import model_config
 
 from lineguard.runtime.tiling import cut, make_grid, prompt_tokens, to_canvas
 
@@ -76,10 +77,10 @@ def build(size: int, work: Path, threads: int, calib: int, tiny: bool) -> dict[s
     from lineguard.train.torch_model import OneNIP, OneNIPConfig
 
     torch.manual_seed(0)
-    cfg = rt.model_config(tiny=True) if tiny else OneNIPConfig(input_size=size)
+    cfg = model_config(tiny=True) if tiny else OneNIPConfig(input_size=size)
     model = OneNIP(cfg, pretrained=True).eval()
     size = cfg.input_size
-    frames = el.synthetic_frames(calib + 1, size, size, seed=1)
+    frames = synthetic_frames(calib + 1, size, size, seed=1)
     graphs: dict[str, dict] = {}
     for graph, dynamic in (("static-batch-1", False), ("dynamic-batch", True)):
         d = work / graph
@@ -150,8 +151,8 @@ def bench(graphs: dict[str, dict], args: argparse.Namespace) -> tuple[list[dict]
     from lineguard.runtime.engine import OpenVINORunner
 
     w, h = args.tiled_frame
-    frame = el.synthetic_frames(1, h, w, seed=5)[0]
-    golden = el.synthetic_frames(1, h, w, seed=6)[0]
+    frame = synthetic_frames(1, h, w, seed=5)[0]
+    golden = synthetic_frames(1, h, w, seed=6)[0]
     size = graphs["dynamic-batch"]["size"]  # tiles are model-input sized
     grid = make_grid(w, h, size, args.tile_scale, args.overlap)
     tiles = cut(to_canvas(frame, grid), grid)
@@ -199,7 +200,7 @@ def bench(graphs: dict[str, dict], args: argparse.Namespace) -> tuple[list[dict]
                 "p50_ms_per_tile": round(p50 / n, 3),
                 "p95_ms_per_tile": round(p95 / n, 3),
                 "fps": round(1000.0 / statistics.fmean(ms), 2),
-                "size_mb": el.file_mb(*model_files(g["encoder"]), *model_files(g["detector"])),
+                "size_mb": file_mb(*model_files(g["encoder"]), *model_files(g["detector"])),
                 "shipped_rung": "/".join(g["rung"][k] for k in ("scheme", "preset", "float_ops")),
                 "float_ops_run": r.inference_precision,
                 "threads": args.threads,
