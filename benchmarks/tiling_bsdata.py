@@ -92,7 +92,13 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
     train += ["--budget", a.budget] if a.budget else []
     train += ["--epochs", str(a.epochs)] if a.epochs else []
     train += ["--device", a.device] if a.device else []
-    lineguard(train, log)
+    done = work / mode / "final.pt"
+    if a.reuse and done.is_file():
+        # an earlier run's model: bring its post-training choices up to the current rules
+        log.append("(reused from an earlier run) lineguard " + " ".join(train))
+        lineguard(["recalibrate", "--checkpoint", str(done)], log)
+    else:
+        lineguard(train, log)
     ckpt = next(
         (c for c in (work / mode / n for n in ("final.pt", "last.pt")) if c.is_file()), None
     )
@@ -180,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="folder for models and maps (default: a temp dir)")
     p.add_argument("--out", type=Path, default=OUT, help=f"result JSON (default {OUT.name})")
     p.add_argument("--tiny", action="store_true", help="smoke run on generated images")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse WORK/<mode>/final.pt where it exists (recalibrated with the current rules: "
+        "map smoothing, prompt-match share) instead of training again",
+    )
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tiling_") as tmp:
         work = a.work or Path(tmp)
