@@ -196,3 +196,35 @@ def test_map_smoothing_travels_into_the_exported_detector(checkpoint, tmp_path):
     assert np.abs(amap - ref_map[0, 0].numpy()).max() <= 1e-4 * span
     # and the smoothing really happened: the blurred map is flatter than the sharp one
     assert float(ref_map.std()) < float(sharp.std())
+
+
+def test_prompt_match_travels_into_the_exported_graphs(checkpoint, tmp_path):
+    """A checkpoint that fuses the prompt match exports graphs whose tokens carry the golden
+    sample's descriptors and whose map equals PyTorch's, batched per tile too."""
+    raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    raw["model_config"] = {**raw["model_config"], "match_weight": 0.5}
+    raw["state_dict"] = {**raw["state_dict"], "match_scale": torch.tensor(3.0)}
+    matched = tmp_path / "matched.pt"
+    torch.save(raw, matched)
+    art = tmp_path / "art"
+    export_artifact(ExportOptions(checkpoint=matched, out=art, force=True, dynamic_batch=True))
+    ckpt = load_checkpoint(matched)
+    model = ckpt.build_model()
+    card = load_card(art)
+    assert card.detector.inputs[1].shape[1] == model.prompt_token_count
+    assert model.prompt_token_count > model.grid**2
+    frames = _frames(3, ckpt.input_size, seed=5)
+    prompts = np.stack([ckpt.prompts[c] for c in ckpt.classes] * 3)[:3]
+    with torch.no_grad():
+        tok = model.encode_prompt(to_model_input(torch.from_numpy(prompts)))
+        ref_map, ref_score = model.detect(to_model_input(torch.from_numpy(frames)), tok)
+        parts = model.detect_parts(to_model_input(torch.from_numpy(frames)), tok)
+    assert parts[2] is not None and float(parts[2].abs().max()) > 0
+    span = float(ref_map.max() - ref_map.min())
+    for backend in ("onnxruntime", "openvino"):
+        engine = load_engine(art, backend=backend, precision="fp32", threads=2)
+        tokens = np.concatenate([engine.encode_prompt(p) for p in prompts])
+        np.testing.assert_allclose(tokens, tok.numpy(), rtol=1e-4, atol=1e-4)
+        maps, scores = engine.detect_batch(frames, tokens)  # each tile its own prompt
+        assert np.abs(maps - ref_map[:, 0].numpy()).max() <= 1e-4 * span, backend
+        np.testing.assert_allclose(scores, ref_score.numpy(), rtol=1e-4)
