@@ -98,6 +98,17 @@ def match_scale(learned: np.ndarray, match: np.ndarray) -> float:
     return k if np.isfinite(k) and k > 0 else 1.0
 
 
+def blend(learned: np.ndarray, match: np.ndarray, weight: float, k: float) -> np.ndarray:
+    """``(1-w)·learned + w·k·H``: the final map when the prompt match has share ``w``."""
+    return (1.0 - weight) * learned + weight * k * match
+
+
+def image_scores(model: OneNIP, amap: np.ndarray) -> np.ndarray:
+    """Image scores of ``N×H×W`` maps by the model's own pooling rule."""
+    with torch.no_grad():
+        return model.image_score(torch.from_numpy(amap[:, None])).numpy()
+
+
 def fused(
     model: OneNIP, s_rec: np.ndarray, m_hat: np.ndarray, match: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -106,11 +117,8 @@ def fused(
     if model.uses_match:
         if match is None:
             raise ValueError("the model fuses the prompt match but no match map was scored")
-        w = model.cfg.match_weight
-        amap = (1.0 - w) * amap + w * float(model.match_scale) * match
-    with torch.no_grad():
-        scores = model.image_score(torch.from_numpy(amap[:, None])).numpy()
-    return amap, scores
+        amap = blend(amap, match, model.cfg.match_weight, float(model.match_scale))
+    return amap, image_scores(model, amap)
 
 
 def _robust(values: np.ndarray) -> dict[str, float]:

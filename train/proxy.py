@@ -14,16 +14,18 @@ proxy = mean of the image AUROC (normal vs defective) and the pixel AP of the sy
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from lineguard.train.calibration import (
+    blend,
     fused,
     fusion_scale,
+    image_scores,
     learned_map,
     match_scale,
     normalisation,
     score_parts,
 )
+from lineguard.train.judge_defects import JudgeDefects
 from lineguard.train.torch_model import OneNIP
 from lineguard.train.train_data import TrainingData
 
@@ -135,12 +137,13 @@ MATCH_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 def choose_match_weight(
     model: OneNIP,
     data: TrainingData,
-    judged: tuple[np.ndarray, np.ndarray, np.ndarray],
     device,
+    seed: int,
     weights: tuple[float, ...] = MATCH_WEIGHTS,
 ) -> tuple[dict, dict]:
     """Pick the share of the prompt match (:mod:`lineguard.train.prompt_match`) on HELD-OUT
-    judge defects (:mod:`lineguard.train.judge_defects`) and set it with its scale k. Returns
+    judge defects (:mod:`lineguard.train.judge_defects`, drawn with ``seed`` on the normal
+    validation images) and set it with its scale k. Returns
     (what was tried, the calibration of the final map). Call after :func:`choose_map_blur`
     (c and the smoothing are kept).
 
@@ -148,9 +151,9 @@ def choose_match_weight(
     learned, so it favours the learned map over anything untrained whatever the real defects.
     """
     normal, labels = data.val_images, data.val_labels
-    bad, masks, bad_labels = judged
-    if len(normal) == 0 or len(bad) == 0:
+    if len(normal) == 0:
         raise ValueError("choosing the prompt match needs validation images")
+    bad, masks, bad_labels = synthetic_validation(data, JudgeDefects(), seed)
     both = np.concatenate([normal, bad])
     all_labels = np.concatenate([labels, bad_labels])
     prompts = data.prompt_images()
@@ -162,9 +165,8 @@ def choose_match_weight(
     tried: dict[str, dict[str, float]] = {}
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None
     for w in weights:
-        amap = (1.0 - w) * learned + w * k * match
-        with torch.no_grad():
-            scores = model.image_score(torch.from_numpy(amap[:, None])).numpy()
+        amap = blend(learned, match, w, k)
+        scores = image_scores(model, amap)
         figures = separation(scores, amap, n, masks)
         tried[f"{w:g}"] = figures
         if best is None or figures["val_proxy"] > best[1]:

@@ -14,7 +14,6 @@ from pathlib import Path
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.calibration import calibrate
 from lineguard.train.checkpoint import read_checkpoint, save_checkpoint
-from lineguard.train.judge_defects import JudgeDefects
 from lineguard.train.proxy import choose_map_blur, choose_match_weight, synthetic_validation
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import load_training_data_for, make_synthesizer
@@ -28,8 +27,8 @@ def recalibrate(
     progress: bool = True,
     choose_blur: bool = True,
 ) -> dict:
-    """Re-measure a checkpoint's map smoothing, fusion scale and score normalisation (no
-    training).
+    """Re-choose a checkpoint's map smoothing and prompt-match share and re-measure its fusion
+    scales and score normalisation (no training).
 
     For checkpoints written by an older calibration rule, or after changing it. The normal
     validation split is rebuilt from the checkpoint's own recipe (``data`` overrides where the
@@ -53,17 +52,12 @@ def recalibrate(
     ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
     if source == "val" and choose_blur:
         defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
-        _, calib, tried = choose_map_blur(model, td, defects, device)
-        sigma = model.cfg.map_blur_sigma
-        ckpt["model_config"] = {**ckpt["model_config"], "map_blur_sigma": sigma}
-        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "map_blur_sigma": sigma}
-        ckpt["metrics"]["map_blur"] = {"sigma": sigma, "tried": tried}
-        judged = synthetic_validation(td, JudgeDefects(), cfg.seed)
-        match, calib = choose_match_weight(model, td, judged, device)
-        w = model.cfg.match_weight
-        ckpt["model_config"] = {**ckpt["model_config"], "match_weight": w}
-        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], "match_weight": w}
-        ckpt["metrics"]["prompt_match"] = match
+        _, _, tried = choose_map_blur(model, td, defects, device)
+        ckpt["metrics"]["map_blur"] = {"sigma": model.cfg.map_blur_sigma, "tried": tried}
+        ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, cfg.seed)
+        chosen = {k: getattr(model.cfg, k) for k in ("map_blur_sigma", "match_weight")}
+        ckpt["model_config"] = {**ckpt["model_config"], **chosen}
+        ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], **chosen}
     else:
         calib = calibrate(model, images, labels, prompts, device, source)
     ckpt["calibration"] = calib

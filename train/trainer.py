@@ -34,7 +34,6 @@ from lineguard.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from lineguard.train.judge_defects import JudgeDefects
 from lineguard.train.losses import onenip_loss
 from lineguard.train.proxy import (
     choose_map_blur,
@@ -345,8 +344,9 @@ class Trainer:
         """Pick the prompt-match share on held-out judge defects, then recalibrate with it."""
         if len(self.data.val_images) == 0:
             return {"weight": 0.0, "why": "no validation images to judge it on"}
-        judged = synthetic_validation(self.data, JudgeDefects(), self.cfg.seed)
-        info, self.calibration = choose_match_weight(self.model, self.data, judged, self.device)
+        info, self.calibration = choose_match_weight(
+            self.model, self.data, self.device, self.cfg.seed
+        )
         return info
 
     def payload(self, epoch: int) -> dict:
