@@ -9,17 +9,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from polling import wait_until
 
 from lineguard.camera import Camera, CameraError, FrameSource, open_camera
 
 
 def _wait(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
+    return wait_until(pred, timeout, poll=0.01)
 
 
 class _Cfg:

@@ -30,16 +30,6 @@ from lineguard.runtime.config_loader import load_site
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    """Poll `predicate` every 50 ms until it holds or `timeout` s pass; its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 class ScriptedStation:
     """Implements the service's StationLike protocol without a camera or a model."""
 

@@ -18,7 +18,8 @@ import time
 import weakref
 from pathlib import Path
 
-from runtime_fakes import Collector, ScriptedStation, wait_until, write_site
+from polling import wait_until
+from runtime_fakes import Collector, ScriptedStation, write_site
 
 from lineguard.runtime.config import BrokerConfig
 from lineguard.runtime.config_loader import load_site

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from runtime_fakes import Collector, ScriptedStation, wait_until, write_site
+from polling import wait_until
+from runtime_fakes import Collector, ScriptedStation, write_site
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.config import BrokerConfig, TLSConfig
