@@ -51,20 +51,31 @@ def bilinear_matrix(n_out: int, n_in: int) -> torch.Tensor:
 
 
 class MatrixUpsample(nn.Module):
-    """Bilinear (align_corners) upsampling of ``B×1×h×w`` maps as ``R_h · x · R_wᵀ``."""
+    """Bilinear (align_corners) upsampling of ``B×C×h×w`` as ``R_h · x · R_wᵀ`` for the
+    (input side, output side) pairs it is built for."""
 
-    def __init__(self, sizes: list[int], out: int) -> None:
+    def __init__(self, pairs: list[tuple[int, int]]) -> None:
         super().__init__()
-        self.out = out
-        for n in sorted(set(sizes)):
-            self.register_buffer(f"r{n}", bilinear_matrix(out, n), persistent=False)
+        for n, out in sorted(set(pairs)):
+            self.register_buffer(f"r{n}_{out}", bilinear_matrix(out, n), persistent=False)
 
     def forward(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        if size != self.out:
-            raise ValueError(f"built for {self.out} px outputs, asked for {size}")
-        rh = getattr(self, f"r{x.shape[-2]}")
-        rw = getattr(self, f"r{x.shape[-1]}")
+        h, w = x.shape[-2], x.shape[-1]
+        if not hasattr(self, f"r{h}_{size}") or not hasattr(self, f"r{w}_{size}"):
+            raise ValueError(f"not built for {h}x{w} -> {size} px")
+        rh = getattr(self, f"r{h}_{size}")
+        rw = getattr(self, f"r{w}_{size}")
         return rh @ x @ rw.transpose(0, 1)
+
+
+def upsample_pairs(model: OneNIP) -> list[tuple[int, int]]:
+    """Every resize the model's graphs make: both maps to the input, and with a zoomed prompt
+    match the input up to the match's size and the match back down to the input."""
+    size, grid = model.cfg.input_size, model.cfg.grid
+    pairs = [(grid, size), (4 * grid, size)]
+    if model.cfg.match_zoom > 1:
+        pairs += [(size, model.match_size), (model.match_grid, size)]
+    return pairs
 
 
 def box_mean_max(amap: torch.Tensor, k: int) -> torch.Tensor:
@@ -139,9 +150,10 @@ class PromptEncoderGraph(nn.Module):
     def __init__(self, model: OneNIP) -> None:
         super().__init__()
         self.model = model
+        self.upsample = MatrixUpsample(upsample_pairs(model))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_prompt(to_model_input(image))
+        return self.model.encode_prompt(to_model_input(image), upsample=self.upsample)
 
 
 class DetectorGraph(nn.Module):
@@ -150,8 +162,7 @@ class DetectorGraph(nn.Module):
     def __init__(self, model: OneNIP) -> None:
         super().__init__()
         self.model = model
-        grid = model.cfg.grid
-        self.upsample = MatrixUpsample([grid, 4 * grid], model.cfg.input_size)
+        self.upsample = MatrixUpsample(upsample_pairs(model))
 
     def forward(self, image: torch.Tensor, prompt_tokens: torch.Tensor):
         amap = self.model.anomaly_map(to_model_input(image), prompt_tokens, self.upsample)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lineguard.train.budget import BudgetClock
 from lineguard.train.checkpoint import save_checkpoint
-from lineguard.train.proxy import BLUR_SIGMAS
+from lineguard.train.proxy import BLUR_SIGMAS, MATCH_ZOOMS
 
 if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
@@ -49,8 +49,9 @@ class _Run:
             cfg.warmup_fraction,
             cfg.min_lr_fraction,
             cfg.proxy_evals,
-            # final proxy, one per map blur tried, the prompt-match choice
-            closing_evals=2 + len(BLUR_SIGMAS),
+            # final proxy, one per map blur tried, the prompt-match choice at each zoom (an
+            # upsampled backbone pass costs up to zoom² the plain one)
+            closing_evals=1 + len(BLUR_SIGMAS) + sum(z * z for z in MATCH_ZOOMS),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -65,6 +66,7 @@ class _Run:
     def evaluate(self) -> None:
         """Proxy + calibration now; keep (and write) the weights if they are the best yet."""
         tr = self.tr
+        tr.val_defects()  # drawn once, before the clock: not a cost of every evaluation
         if tr.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

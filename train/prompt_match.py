@@ -6,7 +6,9 @@ finer: at stride 4 and 8 they describe local structure at 4× the token resoluti
 query position the prompt match is the smallest L2 distance between the query's stride-4
 descriptor (stride-4 tap + upsampled stride-8 tap, 3×3 averaged, as PatchCore aggregates a
 neighbourhood) and the prompt's descriptors within ``radius`` cells, which tolerates small
-misplacement of the part. Nothing here is trained; how much the final map trusts it
+misplacement of the part. With ``match_zoom`` 2 the query and the prompt are upsampled 2×
+before the backbone, which halves the match's stride in input pixels (small patches gain most).
+Nothing here is trained; how much the final map trusts it
 (``match_weight``, 0 = not used) is chosen after training on held-out validation defects
 (:mod:`lineguard.train.judge_defects`), since it helps aligned parts and hurts free textures.
 

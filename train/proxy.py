@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# imported here, not lazily: its first import (~1 s) would count as the cost of an evaluation
+# in the budget's reserve
+from sklearn.metrics import average_precision_score, roc_auc_score
+
 from lineguard.train.calibration import (
     blend,
     fused,
@@ -81,8 +85,6 @@ def proxy_and_calibration(
 
 def separation(scores: np.ndarray, amap: np.ndarray, n: int, masks: np.ndarray) -> dict:
     """Proxy figures of ``n`` normal images followed by defective ones with ``masks``."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     bad = len(scores) - n
     y = np.r_[np.zeros(n), np.ones(bad)]
     image_auroc = float(roc_auc_score(y, scores))
@@ -132,6 +134,8 @@ def choose_map_blur(
 
 #: shares of the prompt match tried; the first best wins ties (the learned map alone first)
 MATCH_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+#: zooms of the prompt match tried, cheapest first (a zoom costs one more backbone pass)
+MATCH_ZOOMS = (1, 2)
 
 
 def choose_match_weight(
@@ -140,12 +144,15 @@ def choose_match_weight(
     device,
     seed: int,
     weights: tuple[float, ...] = MATCH_WEIGHTS,
+    zooms: tuple[int, ...] = MATCH_ZOOMS,
 ) -> tuple[dict, dict]:
-    """Pick the share of the prompt match (:mod:`lineguard.train.prompt_match`) on HELD-OUT
-    judge defects (:mod:`lineguard.train.judge_defects`, drawn with ``seed`` on the normal
-    validation images) and set it with its scale k. Returns
+    """Pick the share and the zoom of the prompt match (:mod:`lineguard.train.prompt_match`) on
+    HELD-OUT judge defects (:mod:`lineguard.train.judge_defects`, drawn with ``seed`` on the
+    normal validation images) and set them with the scale k. Returns
     (what was tried, the calibration of the final map). Call after :func:`choose_map_blur`
-    (c and the smoothing are kept).
+    (c and the smoothing are kept). Order of the tries: share 0 (the learned map alone, the
+    same at every zoom), then each zoom's shares; the first best wins, so a costlier map must
+    do strictly better.
 
     Why not the usual proxy: its defects come from the training synthesis, which the refiner
     learned, so it favours the learned map over anything untrained whatever the real defects.
@@ -157,28 +164,35 @@ def choose_match_weight(
     both = np.concatenate([normal, bad])
     all_labels = np.concatenate([labels, bad_labels])
     prompts = data.prompt_images()
-    s_rec, m_hat, match = score_parts(model, both, all_labels, prompts, device, with_match=True)
-    assert match is not None
     n = len(normal)
-    learned = learned_map(model, s_rec, m_hat)
-    k = match_scale(learned[:n], match[:n])
-    tried: dict[str, dict[str, float]] = {}
-    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
-    for w in weights:
-        amap = blend(learned, match, w, k)
-        scores = image_scores(model, amap)
-        figures = separation(scores, amap, n, masks)
-        tried[f"{w:g}"] = figures
-        if best is None or figures["val_proxy"] > best[1]:
-            best = (w, figures["val_proxy"], scores, amap)
+    tried: dict[str, dict[str, dict[str, float]]] = {}
+    best: tuple[float, int, float, float, np.ndarray, np.ndarray] | None = None
+    for zoom in zooms:
+        model.cfg.match_zoom = int(zoom)
+        s_rec, m_hat, match = score_parts(model, both, all_labels, prompts, device, with_match=True)
+        assert match is not None
+        learned = learned_map(model, s_rec, m_hat)
+        k = match_scale(learned[:n], match[:n])
+        tried[str(zoom)] = {}
+        for w in weights:
+            if w == 0.0 and best is not None:
+                continue  # the learned map alone was judged at the first zoom
+            amap = blend(learned, match, w, k)
+            scores = image_scores(model, amap)
+            figures = separation(scores, amap, n, masks)
+            tried[str(zoom)][f"{w:g}"] = figures
+            if best is None or figures["val_proxy"] > best[2]:
+                best = (w, zoom, figures["val_proxy"], k, scores, amap)
     assert best is not None
-    w, _, scores, amap = best
+    w, zoom, _, k, scores, amap = best
     model.cfg.match_weight = float(w)
+    model.cfg.match_zoom = int(zoom) if w > 0 else 1
     model.match_scale.fill_(k)
     calib = normalisation(scores[:n], amap[:n], "val")
     calib.update(fusion_scale=float(model.fusion_scale), match_scale=k)
     info = {
         "weight": float(w),
+        "zoom": model.cfg.match_zoom,
         "match_scale": k,
         "judge": "held-out defect family (train/judge_defects.py), never trained on",
         "tried": tried,

@@ -55,7 +55,9 @@ def recalibrate(
         _, _, tried = choose_map_blur(model, td, defects, device)
         ckpt["metrics"]["map_blur"] = {"sigma": model.cfg.map_blur_sigma, "tried": tried}
         ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, cfg.seed)
-        chosen = {k: getattr(model.cfg, k) for k in ("map_blur_sigma", "match_weight")}
+        chosen = {
+            k: getattr(model.cfg, k) for k in ("map_blur_sigma", "match_weight", "match_zoom")
+        }
         ckpt["model_config"] = {**ckpt["model_config"], **chosen}
         ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], **chosen}
     else:

@@ -80,7 +80,18 @@ class OneNIPConfig(BaseModel):
         title="share of the training-free prompt-match map in the final map; 0 = not used",
         description="Chosen after training on held-out validation defects (train/prompt_match.py)",
     )
-    match_radius: int = Field(2, ge=0, le=4, title="prompt-match search radius, stride-4 cells")
+    match_radius: int = Field(
+        2, ge=0, le=4, title="prompt-match search radius, stride-4 cells of the unzoomed input"
+    )
+    match_zoom: int = Field(
+        1,
+        ge=1,
+        le=2,
+        title="the prompt match compares the input upsampled by this factor (1 = as is)",
+        description="2 halves the match's stride in input pixels for one more backbone pass on "
+        "the upsampled image; the radius keeps its reach in input pixels. Chosen with "
+        "match_weight on held-out validation defects.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> OneNIPConfig:
@@ -142,8 +153,6 @@ class OneNIP(nn.Module):
         # k in (1-w)·A + w·k·H: H's spread matched to the learned map A's on normal validation
         self.register_buffer("match_scale", torch.tensor(1.0))
         self.match_channels = pm.match_channels(self.backbone.channels)
-        self.match_grid = cfg.input_size // pm.MATCH_STRIDE
-        self.match_rows = pm.match_token_count(self.backbone.channels, cfg.input_size, d)
         self.set_map_blur(cfg.map_blur_sigma)
         self._init_weights()
 
@@ -192,6 +201,28 @@ class OneNIP(nn.Module):
     @property
     def uses_match(self) -> bool:
         return self.cfg.match_weight > 0.0
+
+    @property
+    def match_size(self) -> int:
+        """Side of the image the prompt match describes (the input times ``match_zoom``)."""
+        return self.cfg.input_size * self.cfg.match_zoom
+
+    @property
+    def match_grid(self) -> int:
+        return self.match_size // pm.MATCH_STRIDE
+
+    @property
+    def match_rows(self) -> int:
+        """Token rows that carry one prompt's packed match descriptors."""
+        return pm.match_token_count(self.backbone.channels, self.match_size, self.cfg.hidden_dim)
+
+    def match_descriptors(
+        self, images: torch.Tensor, taps: list[torch.Tensor], upsample: Upsample = bilinear_up
+    ) -> torch.Tensor:
+        """The prompt match's descriptors; from the upsampled image when ``match_zoom`` > 1."""
+        if self.cfg.match_zoom > 1:
+            taps = self.taps(upsample(images, self.match_size))
+        return pm.descriptors(taps)
 
     @property
     def prompt_token_count(self) -> int:
@@ -248,14 +279,20 @@ class OneNIP(nn.Module):
         return upsample(s, self.cfg.input_size)
 
     # ---------------------------------------------------------------- entry points
-    def encode_prompt(self, images: torch.Tensor, with_match: bool | None = None) -> torch.Tensor:
+    def encode_prompt(
+        self,
+        images: torch.Tensor,
+        with_match: bool | None = None,
+        upsample: Upsample = bilinear_up,
+    ) -> torch.Tensor:
         """Prompt images ``B×3×H×W`` -> tokens ``B×(h·w)×D`` (no query involved), followed by
         the packed prompt-match descriptors when the match is used (or ``with_match``)."""
         taps = self.taps(images)
         tokens = self.encode(self.jitter(self.tokens(neck(taps, (self.grid, self.grid)))))
         if self.uses_match if with_match is None else with_match:
             d = self.cfg.hidden_dim
-            packed = pm.pack(pm.descriptors(taps), self.match_rows, d).to(tokens.dtype)
+            desc = self.match_descriptors(images, taps, upsample)
+            packed = pm.pack(desc, self.match_rows, d).to(tokens.dtype)
             tokens = torch.cat([tokens, packed], dim=1)
         return tokens
 
@@ -273,8 +310,9 @@ class OneNIP(nn.Module):
         match = None
         if prompt_tokens.shape[1] > n:
             ref = pm.unpack(prompt_tokens[:, n:], self.match_channels, self.match_grid)
-            query = pm.descriptors(taps)
-            dist = pm.match_distance(query, ref.to(query.dtype), self.cfg.match_radius)
+            query = self.match_descriptors(images, taps, upsample)
+            radius = self.cfg.match_radius * self.cfg.match_zoom  # same reach in input pixels
+            dist = pm.match_distance(query, ref.to(query.dtype), radius)
             match = self.smooth(upsample(dist, self.cfg.input_size))
         return self.smooth(self.rec_map(rec, feats, upsample)), self.smooth(m_hat), match
 

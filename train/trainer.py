@@ -158,7 +158,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
         # the map smoothing is chosen after training (on validation), not part of what trains
-        chosen = {"map_blur_sigma", "match_weight"}
+        chosen = {"map_blur_sigma", "match_weight", "match_zoom"}
         mine = self.cfg.model.model_dump(mode="json", exclude=chosen)
         theirs = {k: v for k, v in ckpt["model_config"].items() if k not in chosen}
         if theirs != mine:
@@ -322,21 +322,23 @@ class Trainer:
         self.history.append(row)
         return row
 
-    def evaluate_proxy(self) -> dict[str, float]:
-        """Measure c and the normalisation on normal validation images, and the proxy."""
+    def val_defects(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fixed synthetic defects of the validation images, drawn once."""
         if self._val_defects is None:
             self._val_defects = synthetic_validation(self.data, self.synth, self.cfg.seed)
+        return self._val_defects
+
+    def evaluate_proxy(self) -> dict[str, float]:
+        """Measure c and the normalisation on normal validation images, and the proxy."""
         proxy, self.calibration = proxy_and_calibration(
-            self.model, self.data, self._val_defects, self.device
+            self.model, self.data, self.val_defects(), self.device
         )
         return proxy
 
     def choose_map_blur(self) -> dict:
         """Pick the map smoothing on validation (:func:`choose_map_blur`); calibrates with it."""
-        if self._val_defects is None:
-            self._val_defects = synthetic_validation(self.data, self.synth, self.cfg.seed)
         proxy, self.calibration, tried = choose_map_blur(
-            self.model, self.data, self._val_defects, self.device
+            self.model, self.data, self.val_defects(), self.device
         )
         return {"sigma": self.model.cfg.map_blur_sigma, "val_proxy": proxy, "tried": tried}
 

@@ -23,8 +23,8 @@ from lineguard.train.torch_model import OneNIP
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(4, 64), (14, 224), (56, 224), (16, 256), (1, 8)])
 def test_bilinear_matrix_is_align_corners_interpolation(n_in, n_out):
-    x = torch.randn(2, 1, n_in, n_in)
-    up = MatrixUpsample([n_in], n_out)(x, n_out)
+    x = torch.randn(2, 3, n_in, n_in)
+    up = MatrixUpsample([(n_in, n_out)])(x, n_out)
     ref = F.interpolate(x, size=(n_out, n_out), mode="bilinear", align_corners=True)
     assert up.shape == ref.shape
     torch.testing.assert_close(up, ref, atol=5e-5, rtol=1e-5)  # f32 rounding of the weights
@@ -33,9 +33,9 @@ def test_bilinear_matrix_is_align_corners_interpolation(n_in, n_out):
     assert (r > 0).sum(1).max() <= 2  # at most two neighbours per output
 
 
-def test_matrix_upsample_refuses_another_output_size():
-    with pytest.raises(ValueError, match="built for 64"):
-        MatrixUpsample([4], 64)(torch.zeros(1, 1, 4, 4), 32)
+def test_matrix_upsample_refuses_a_resize_it_was_not_built_for():
+    with pytest.raises(ValueError, match="not built for 4x4 -> 32"):
+        MatrixUpsample([(4, 64)])(torch.zeros(1, 1, 4, 4), 32)
 
 
 @pytest.mark.parametrize(("size", "k"), [(64, 16), (40, 7), (12, 16), (33, 1)])

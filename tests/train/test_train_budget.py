@@ -152,8 +152,14 @@ def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -
     assert blur["sigma"] == max(tried, key=tried.get) == ckpt["model_config"]["map_blur_sigma"]
     # ... and the prompt-match share on held-out judge defects: the first best one tried
     match = m["prompt_match"]
-    shares = {float(k): v["val_proxy"] for k, v in match["tried"].items()}
-    assert match["weight"] == max(shares, key=shares.get) == ckpt["model_config"]["match_weight"]
+    tried = {
+        (int(zoom), float(w)): v["val_proxy"]
+        for zoom, per_share in match["tried"].items()
+        for w, v in per_share.items()
+    }
+    assert (match["zoom"], match["weight"]) == max(tried, key=tried.get)
+    assert match["weight"] == ckpt["model_config"]["match_weight"]
+    assert match["zoom"] == ckpt["model_config"]["match_zoom"]
     assert ckpt["calibration"]["match_scale"] == pytest.approx(match["match_scale"])
     # the shipped weights are those evaluated at the best point: best.pt holds the same
     best = read_checkpoint(tmp_path / "out" / "best.pt")

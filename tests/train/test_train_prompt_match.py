@@ -13,9 +13,9 @@ from lineguard.train.torch_model import OneNIP
 SIZE = 64
 
 
-def _model(weight: float) -> OneNIP:
+def _model(weight: float, zoom: int = 1) -> OneNIP:
     torch.manual_seed(0)
-    model = OneNIP(tiny_model_config(SIZE, match_weight=weight)).eval()
+    model = OneNIP(tiny_model_config(SIZE, match_weight=weight, match_zoom=zoom)).eval()
     model.match_scale.fill_(2.0)
     return model
 
@@ -49,19 +49,23 @@ def test_match_distance_tolerates_shifts_within_its_radius_only() -> None:
     assert float(pm.match_distance(prompt, prompt, 0).max()) < 1e-5
 
 
-def test_tokens_carry_the_descriptors_only_when_the_match_is_used() -> None:
-    off, on = _model(0.0), _model(0.5)
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_tokens_carry_the_descriptors_only_when_the_match_is_used(zoom: int) -> None:
+    off, on = _model(0.0), _model(0.5, zoom)
     n = (SIZE // 16) ** 2
     with torch.no_grad():
         assert off.encode_prompt(_part()).shape[1] == n == off.prompt_token_count
         tokens = on.encode_prompt(_part())
     assert tokens.shape[1] == on.prompt_token_count == n + on.match_rows
+    # a zoomed match describes the input upsampled: zoom² as many descriptors
+    assert on.match_grid == SIZE * zoom // pm.MATCH_STRIDE
     # the learned tokens are the same: the descriptors ride behind them
     torch.testing.assert_close(tokens[:, :n], off.encode_prompt(_part()))
 
 
-def test_fused_map_follows_the_documented_rule_and_finds_a_local_change() -> None:
-    model = _model(0.5)
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_fused_map_follows_the_documented_rule_and_finds_a_local_change(zoom: int) -> None:
+    model = _model(0.5, zoom)
     prompt, query = _part(), _part().clone()
     query[:, :, 30:36, 40:46] = 1.0 - query[:, :, 30:36, 40:46]  # a local defect
     with torch.no_grad():
@@ -88,11 +92,12 @@ def test_checkpoints_from_before_the_match_still_load() -> None:
     assert float(fresh.match_scale) == 1.0
 
 
-def test_onnx_export_of_the_fused_map_matches_torch(tmp_path) -> None:
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_onnx_export_of_the_fused_map_matches_torch(tmp_path, zoom: int) -> None:
     ort = pytest.importorskip("onnxruntime")
     from lineguard.compress.graphs import DetectorGraph, PromptEncoderGraph, to_model_input
 
-    model = _model(0.5)
+    model = _model(0.5, zoom)
 
     def u8(t: torch.Tensor) -> torch.Tensor:
         return (t * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
