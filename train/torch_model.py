@@ -221,7 +221,10 @@ class OneNIP(nn.Module):
     ) -> torch.Tensor:
         """The prompt match's descriptors; from the upsampled image when ``match_zoom`` > 1."""
         if self.cfg.match_zoom > 1:
-            taps = self.taps(upsample(images, self.match_size))
+            # normalise, then upsample (the same, as the resize is linear with unit weights): a
+            # resize followed by the mean's subtraction reads as a biased MatMul to INT8 tools
+            normed = (images - self.mean) / self.std
+            taps = self.backbone(upsample(normed, self.match_size))
         return pm.descriptors(taps)
 
     @property

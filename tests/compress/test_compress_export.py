@@ -198,11 +198,13 @@ def test_map_smoothing_travels_into_the_exported_detector(checkpoint, tmp_path):
     assert float(ref_map.std()) < float(sharp.std())
 
 
-def test_prompt_match_travels_into_the_exported_graphs(checkpoint, tmp_path):
-    """A checkpoint that fuses the prompt match exports graphs whose tokens carry the golden
-    sample's descriptors and whose map equals PyTorch's, batched per tile too."""
+@pytest.mark.parametrize("zoom", [1, 2])
+def test_prompt_match_travels_into_the_exported_graphs(checkpoint, tmp_path, zoom):
+    """A checkpoint that fuses the prompt match (at either zoom) exports graphs whose tokens
+    carry the golden sample's descriptors and whose map equals PyTorch's, batched per tile too;
+    the detector quantizes to INT8."""
     raw = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    raw["model_config"] = {**raw["model_config"], "match_weight": 0.5}
+    raw["model_config"] = {**raw["model_config"], "match_weight": 0.5, "match_zoom": zoom}
     raw["state_dict"] = {**raw["state_dict"], "match_scale": torch.tensor(3.0)}
     matched = tmp_path / "matched.pt"
     torch.save(raw, matched)
@@ -228,3 +230,13 @@ def test_prompt_match_travels_into_the_exported_graphs(checkpoint, tmp_path):
         maps, scores = engine.detect_batch(frames, tokens)  # each tile its own prompt
         assert np.abs(maps - ref_map[:, 0].numpy()).max() <= 1e-4 * span, backend
         np.testing.assert_allclose(scores, ref_score.numpy(), rtol=1e-4)
+    from conftest import OPEN_BUDGET
+
+    from lineguard.compress.gates import AccuracyBudget
+    from lineguard.compress.quantize import QuantizeOptions, quantize_artifact
+
+    budget = AccuracyBudget(**OPEN_BUDGET)
+    quantize_artifact(QuantizeOptions(artifact=art, calib_images=8, budget=budget))
+    engine = load_engine(art, backend="openvino", precision="int8", threads=2)
+    maps, _ = engine.detect_batch(frames, tokens)
+    assert maps.shape == (3, ckpt.input_size, ckpt.input_size) and np.isfinite(maps).all()
