@@ -130,6 +130,14 @@ OPEN_BUDGET = {
 }
 
 
+@pytest.fixture
+def open_budget():
+    """Accuracy budgets wide open: for tests of INT8 artifacts themselves, not of the gate."""
+    from lineguard.compress.gates import AccuracyBudget
+
+    return AccuracyBudget(**OPEN_BUDGET)
+
+
 @pytest.fixture(scope="session")
 def int8_artifact(tmp_path_factory, artifact) -> Path:
     """A copy of `artifact` with the INT8 detector added."""
