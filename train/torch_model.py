@@ -190,9 +190,13 @@ class OneNIP(nn.Module):
         nn.init.uniform_(self.col_embed.weight)
 
     # ---------------------------------------------------------------- building blocks
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the backbone's ImageNet-normalised input."""
+        return (images - self.mean) / self.std
+
     def taps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen backbone's /2, /4, /8, /16 taps of normalised images."""
-        return self.backbone((images - self.mean) / self.std)
+        return self.backbone(self.normalise(images))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone + neck: ``B×C×h×w`` (deterministic, so it can be cached)."""
@@ -223,8 +227,7 @@ class OneNIP(nn.Module):
         if self.cfg.match_zoom > 1:
             # normalise, then upsample (the same, as the resize is linear with unit weights): a
             # resize followed by the mean's subtraction reads as a biased MatMul to INT8 tools
-            normed = (images - self.mean) / self.std
-            taps = self.backbone(upsample(normed, self.match_size))
+            taps = self.backbone(upsample(self.normalise(images), self.match_size))
         return pm.descriptors(taps)
 
     @property
