@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+# test processes: one per core, at most 4 (most tests wait on brokers, sockets and child
+# processes, so two processes on two cores halve the wall time); one file stays in one process
+WORKERS ?= auto
 
 .PHONY: setup broker test lint demo clean
 
@@ -26,7 +29,7 @@ broker:
 
 test: setup broker
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(WORKERS) --maxprocesses 4 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -107,6 +107,7 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
     maps = work / f"{mode}_maps"
     evaluate = ["evaluate", "--checkpoint", str(ckpt), "--data", str(a.data)]
     evaluate += ["--save-maps", str(maps), "--no-progress", "--prompt", "first"]
+    evaluate += ["--out", str(work / f"{mode}_eval")]
     evaluate += tile_flags if mode == "tiled" else []
     evaluate += ["--device", a.device] if a.device else []
     lineguard(evaluate, log)
@@ -118,9 +119,12 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
     tiles = [
         1 if mode == "resized" else make_grid(w, h, a.size, a.scale, a.overlap).n for h, w in sizes
     ]
+    reported = json.loads((work / f"{mode}_eval" / "metrics.json").read_text())
     return {
         "command": log,
         "tiles": float(np.mean(tiles)),
+        # tiled: the plain max over tiles, or per-position rulers from held-out validation tiles
+        "image_score": reported.get("image_score") or "one image, one score",
         "mean": {k: v for k, v in mean_metrics(per_class).items() if k in HEADLINE},
         "per_class": per_class,
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from lineguard.runtime.errors import LineGuardError
-from lineguard.runtime.local_checks import image_problem, writable_file_problem
+from lineguard.runtime.local_checks import golden_tile_count, image_problem, writable_file_problem
 from lineguard.runtime.threshold_limits import ImageThreshold, MinAreaPx, PixelThreshold
 from lineguard.runtime.tiling import TilingConfig
 
@@ -255,6 +255,21 @@ class StationConfig(_Strict):
             if w <= 0 or h <= 0 or x + w > 1.0 + 1e-9 or y + h > 1.0 + 1e-9:
                 raise ValueError("roi [x, y, w, h] must have w, h > 0 and stay inside the frame")
         return v
+
+    @model_validator(mode="after")
+    def _rulers_fit_the_grid(self, info: ValidationInfo) -> StationConfig:
+        """Per-position rulers must match the golden sample's tile grid (`run` refuses to start
+        otherwise), so `validate-config` says so first."""
+        t = self.tiling
+        if not _check_files(info) or t is None or not t.position_norm or t.prompt != "per-tile":
+            return self
+        n = golden_tile_count(self.model, self.prompt.image, self.roi, t)
+        if n is not None and n != len(t.position_norm):
+            raise ValueError(
+                f"tiling.position_norm holds {len(t.position_norm)} positions but the golden "
+                f"sample's grid has {n} tiles; re-run `lineguard calibrate --positions`"
+            )
+        return self
 
 
 class TLSConfig(_Strict):

@@ -34,3 +34,25 @@ def image_problem(path: Path) -> str | None:
         return None
     image, why = read_image(str(path))
     return None if image is not None else f"{path}: {why}"
+
+
+def golden_tile_count(model_dir: Path, prompt: Path, roi, tiling) -> int | None:
+    """Tiles of the golden sample's grid under `tiling` (the grid per-tile prompts and rulers
+    are cut on), or None when the model card or the image cannot be read (checked elsewhere)."""
+    import json
+
+    try:
+        from lineguard.camera import read_image
+        from lineguard.runtime.regions import roi_pixels
+        from lineguard.runtime.tiling import make_grid
+    except ImportError:  # a build machine without OpenCV: `run` checks again
+        return None
+    try:
+        size = json.loads((Path(model_dir) / "model.json").read_text())["input_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    image, _ = read_image(str(prompt))
+    if image is None:
+        return None
+    _, _, w, h = roi_pixels(roi, image.shape[1], image.shape[0])
+    return make_grid(w, h, int(size[0]), tiling.scale, tiling.overlap).n

@@ -15,6 +15,8 @@ With `tiling` (runtime/tiling.py) the ROI is instead resized by a fixed scale an
 overlapping model-input tiles, all run in one batched call against per-position prompt tokens;
 the tile maps are stitched into one map of the ROI (one map pixel = `scale` frame pixels), and
 everything after (ignore masks, thresholds, regions, evidence, calibration) works on that map.
+The frame's image score is the max over its tiles, each on its own position's ruler when the
+station has them (`tiling.position_norm`, from `lineguard calibrate --positions`).
 Thresholds can change from another thread (MQTT `threshold/set`): `set_thresholds` swaps an
 immutable `Thresholds` object and `process` reads it once per frame, so a change applies from
 the next frame on and a frame never mixes old and new values.
@@ -46,7 +48,9 @@ from lineguard.runtime.tiling import (
     cut,
     detect_tiles,
     make_grid,
+    position_arrays,
     prompt_tokens,
+    ruled_max,
     stitch,
     to_canvas,
 )
@@ -93,6 +97,7 @@ class Decision:
     shadow_defective: bool | None = None
     shadow_thresholds: Thresholds | None = None
     infer_s: float = 0.0  # time in the engine (for the inference-latency histogram)
+    tile_scores: np.ndarray | None = None  # tiled: each tile's raw image score, row-major
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,6 +138,7 @@ class Pipeline:
         # tile grid (tiled only)
         self._geometry: dict[tuple[int, int], Geometry] = {}
         self._tile_tokens: dict[int, np.ndarray] = {}  # tiles per frame -> tokens for them
+        self._rulers: tuple[np.ndarray, np.ndarray] | None = None  # per-position (c, s)
         if tiling is None:
             prompt_input, _ = self.prepare(prompt_rgb)
             self.tokens = engine.encode_prompt(prompt_input)
@@ -144,6 +150,14 @@ class Pipeline:
             self.tokens = prompt_tokens(engine, crop, grid, tiling.prompt)
             if tiling.prompt == "per-tile":
                 self.tile_prompt_size = (int(prompt_rgb.shape[1]), int(prompt_rgb.shape[0]))
+            if tiling.position_norm is not None:
+                self._rulers = position_arrays(tiling.position_norm)
+                if tiling.prompt == "per-tile" and len(self._rulers[0]) != grid.n:
+                    raise ValueError(
+                        f"tiling.position_norm holds {len(self._rulers[0])} positions but the "
+                        f"golden sample's grid has {grid.n} tiles; re-run `lineguard calibrate "
+                        "--positions`"
+                    )
         self.check_area(thresholds.min_area_px)
 
     # ------------------------------------------------------------------ thresholds
@@ -257,9 +271,12 @@ class Pipeline:
         assert grid is not None
         return cut(to_canvas(crop, grid), grid), roi, grid
 
-    def _infer(self, rgb: np.ndarray) -> tuple[np.ndarray, float, Box, float]:
-        """(raw map at map size, raw image score, ROI box, seconds in the engine) for one frame.
-        The raw map may be a view of the engine's output buffer (valid until its next call)."""
+    def _infer(self, rgb: np.ndarray) -> tuple[np.ndarray, float, Box, float, np.ndarray | None]:
+        """(raw map at map size, raw image score, ROI box, seconds in the engine, raw tile
+        scores or None) for one frame. The raw map may be a view of the engine's output buffer
+        (valid until its next call). Tiled with per-position rulers, the image score is the
+        ruled max carried back to the model's raw units, so the one normalisation after it
+        yields the ruled score."""
         if self.tiling is None:
             model_input, roi = self.prepare(rgb)
             t0 = time.perf_counter()
@@ -270,13 +287,17 @@ class Pipeline:
             ih, iw = self.input_hw
             if m.shape != (ih, iw):
                 m = cv2.resize(m, (iw, ih), interpolation=cv2.INTER_LINEAR)
-            return m, float(np.asarray(raw_score).reshape(-1)[0]), roi, infer_s
+            return m, float(np.asarray(raw_score).reshape(-1)[0]), roi, infer_s, None
         tiles, roi, grid = self.prepare_tiles(rgb)
         tokens = self._tokens_for(grid.n)
         t0 = time.perf_counter()
         maps, scores = detect_tiles(self.engine, tiles, tokens)  # one batched call where it can
         infer_s = time.perf_counter() - t0
-        return stitch(maps, grid), float(scores.max()), roi, infer_s
+        if self._rulers is None:
+            score = float(scores.max())
+        else:
+            score = self._img_c + self._img_s * ruled_max(scores, *self._rulers)
+        return stitch(maps, grid), score, roi, infer_s, scores
 
     def _tokens_for(self, n: int) -> np.ndarray:
         """Tokens for `n` tiles: the per-position tokens, or (shared prompt on a frame size other
@@ -294,7 +315,7 @@ class Pipeline:
     def process(self, rgb: np.ndarray) -> Decision:
         """Run the model on one frame and decide (thresholds read once, at the start)."""
         thresholds, shadow = self._thresholds, self._shadow
-        raw_map, raw_score, roi, infer_s = self._infer(rgb)
+        raw_map, raw_score, roi, infer_s, tile_scores = self._infer(rgb)
         score_map = self._normalise_map(raw_map)
         score = (raw_score - self._img_c) / self._img_s
         _, ignore, keep, _ = self._frame_geometry(rgb.shape[1], rgb.shape[0])
@@ -311,6 +332,7 @@ class Pipeline:
             roi=roi,
             frame_size=size,
             infer_s=infer_s,
+            tile_scores=tile_scores,
         )
         if shadow is not None:
             shadow_regions = self._regions(score_map, score, shadow, roi, size, keep)

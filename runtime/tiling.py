@@ -26,6 +26,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class PositionScale(BaseModel):
+    """One tile position's image-score ruler: (raw score − center) / scale."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    center: float = Field(title="Median raw image score of this tile position on normal frames")
+    scale: float = Field(gt=0, title="99th percentile minus the median (raw units)")
+
+
 class TilingConfig(BaseModel):
     """Station setting: run the model on overlapping tiles of the ROI instead of one resize."""
 
@@ -55,6 +64,17 @@ class TilingConfig(BaseModel):
     )
     max_tiles: int = Field(
         64, ge=1, le=4096, title="Most tiles per frame (a guard against a too fine scale)"
+    )
+    position_norm: list[PositionScale] | None = Field(
+        None,
+        min_length=1,
+        title="Per-position image-score rulers, one per tile, row-major (written by "
+        "`lineguard calibrate --positions`)",
+        description="The frame's image score is the max over its tiles, so without this the "
+        "position whose normal scores run highest (an edge, a thread) decides every frame. "
+        "With it each tile's score is read on its own position's ruler (0 = its median on "
+        "normal frames, 1 = its 99th percentile) before the max. Unset: the model's one ruler "
+        "for every tile. Image thresholds are in the units of whichever ruler is in force",
     )
 
 
@@ -168,6 +188,24 @@ def detect_tiles(
     if maps.shape[1:] != (t, t):
         maps = np.stack([cv2.resize(m, (t, t), interpolation=cv2.INTER_LINEAR) for m in maps])
     return maps, np.asarray(scores, np.float64).reshape(-1)
+
+
+def position_arrays(norm: Sequence[PositionScale]) -> tuple[np.ndarray, np.ndarray]:
+    """(centers, scales) float64 arrays of the per-position rulers."""
+    return (
+        np.array([p.center for p in norm], np.float64),
+        np.array([p.scale for p in norm], np.float64),
+    )
+
+
+def ruled_max(scores: np.ndarray, centers: np.ndarray, scales: np.ndarray) -> float:
+    """Max over tiles of each tile's raw score on its own position's ruler."""
+    if len(scores) != len(centers):
+        raise ValueError(
+            f"tiling.position_norm holds {len(centers)} positions but this frame has "
+            f"{len(scores)} tiles; re-run `lineguard calibrate --positions` for this grid"
+        )
+    return float(((np.asarray(scores, np.float64) - centers) / scales).max())
 
 
 def tile_counts(

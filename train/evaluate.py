@@ -289,14 +289,15 @@ def _evaluate_tiled(
     from types import SimpleNamespace
 
     from lineguard.train.data import scan_mvtec
-    from lineguard.train.tiles import evaluate_tiled
+    from lineguard.train.tiles import evaluate_tiled, position_validation
 
     if isinstance(data, Pack) or any(Path(d).suffix == ".npz" for d in _as_list(data)):
         raise LineGuardError("tiled evaluation reads the original images: give dataset roots")
     samples = scan_mvtec(_as_list(data), categories)
     results, maps, scores = evaluate_tiled(
-        model, samples, tiling, dev, prompt, ckpt.get("prompts"), batch_size, progress, size
-    )
+        model, samples, tiling, dev, prompt, ckpt.get("prompts"), batch_size, progress, size,
+        val=position_validation(ckpt),
+    )  # fmt: skip
     results.update(random_prompt=None, retrieval_accuracy=None, device=str(dev))
     if save_maps is not None:
         test = SimpleNamespace(samples=[s for s in samples if s.split == "test"])

@@ -8,6 +8,10 @@ here, so the model is judged on exactly what the edge will run:
   against the same-position tile of its class's normal prompt image (tokens encoded once per
   class and grid), the tile maps are stitched with overlap blending and resized to the original
   image size, and the metrics are computed there (so any method can be compared at full size).
+* per-position rulers: for a model trained per grid position (below), each tile's score is read
+  on its position's ruler before the max, fitted on that position's held-out VALIDATION tiles
+  with the rule a station's `lineguard calibrate --positions` uses
+  (`lineguard.runtime.calibration.positions`); otherwise the image score is the plain max.
 * `tile_dataset`: a data-level training option that needs no trainer change. Normal training
   images are cut at native scale into an MVTec-layout folder with ONE category per grid position
   (`<class>@r<row>c<col>`); since the trainer pairs a query with a normal prompt image of its
@@ -26,8 +30,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lineguard.runtime.calibration.positions import rulers_of_positions
 from lineguard.runtime.errors import LineGuardError
-from lineguard.runtime.tiling import Grid, TilingConfig, cut, make_grid, stitch, to_canvas
+from lineguard.runtime.tiling import (
+    Grid,
+    PositionScale,
+    TilingConfig,
+    cut,
+    make_grid,
+    position_arrays,
+    ruled_max,
+    stitch,
+    to_canvas,
+)
 from lineguard.train.data import Sample, _imread, scan_mvtec, to_rgb_u8
 from lineguard.train.metrics import class_metrics, mean_metrics
 from lineguard.train.prompts import parse_prompt_spec, to_tensor, train_rows_by_class
@@ -62,8 +77,8 @@ def detect_tiled(
     grid: Grid,
     device: torch.device | str,
     batch_size: int = 32,
-) -> tuple[np.ndarray, float]:
-    """One image (original size) -> (map at the ORIGINAL size float32, max tile score)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image (original size) -> (map at the ORIGINAL size float32, raw score per tile)."""
     tiles = cut(to_canvas(image, grid), grid)
     maps, scores = [], []
     for a in range(0, len(tiles), batch_size):
@@ -79,7 +94,61 @@ def detect_tiled(
     canvas = stitch(tile_maps, grid)
     h, w = image.shape[:2]
     full = cv2.resize(canvas, (w, h), interpolation=cv2.INTER_LINEAR)
-    return full, float(np.concatenate(scores).max())
+    return full, np.concatenate(scores).astype(np.float64)
+
+
+def position_validation(ckpt: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    """Held-out validation tiles per position class (`<class>@r<row>c<col>`) of a model trained
+    per grid position, re-read with its recipe's split; None for any other model or when the
+    training tiles cannot be read any more."""
+    if not any("@r" in str(c) for c in ckpt.get("classes") or []):
+        return None
+    from lineguard.train.train_config import TrainConfig
+    from lineguard.train.train_data import load_training_data_for
+
+    try:
+        data = load_training_data_for(TrainConfig.model_validate(ckpt["train_config"]))
+    except (LineGuardError, OSError) as exc:
+        log.warning("per-position rulers: training tiles not readable (%s); plain max", exc)
+        return None
+    return {c: data.val_images[data.val_labels == i] for i, c in enumerate(data.classes)}
+
+
+@torch.no_grad()
+def validation_rulers(
+    model: torch.nn.Module,
+    val: Mapping[str, np.ndarray] | None,
+    category: str,
+    tokens: torch.Tensor,
+    prompt_tiles: np.ndarray,
+    grid: Grid,
+    device: torch.device | str,
+    batch_size: int = 32,
+) -> tuple[list[dict[str, float]], str] | None:
+    """Rulers of `category`'s positions on this grid, from each position's held-out validation
+    tiles scored against its prompt tile (the prompt tile itself left out); None without them."""
+    if not val:
+        return None
+    names = [f"{category}@r{r}c{c}" for r in range(len(grid.ys)) for c in range(len(grid.xs))]
+    if any(n not in val for n in names):
+        log.warning("per-position rulers: the model was not trained on this grid; plain max")
+        return None
+    columns = []
+    for k, name in enumerate(names):
+        tiles = np.stack([t for t in val[name] if not np.array_equal(t, prompt_tiles[k])])
+        out = []
+        for a in range(0, len(tiles), batch_size):
+            part = to_tensor(tiles[a : a + batch_size], device)
+            _, sc = model.detect(part, tokens[k : k + 1].expand(len(part), *tokens.shape[1:]))
+            out.append(sc.float().reshape(-1).cpu().numpy())
+        columns.append(np.concatenate(out))
+    try:
+        rulers = rulers_of_positions(columns)
+    except LineGuardError as exc:
+        log.warning("per-position rulers: %s; plain max", exc)
+        return None
+    n = min(len(c) for c in columns)
+    return rulers, f"ruled max: per-position rulers from >= {n} held-out validation tiles each"
 
 
 @torch.no_grad()
@@ -136,9 +205,11 @@ def evaluate_tiled(
     batch_size: int = 32,
     progress: bool = True,
     size: int | None = None,
+    val: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray], np.ndarray]:
     """Tiled evaluation of the test samples: (results, maps at original size, scores); the
-    tile is the model's input `size` (default `model.cfg.input_size`)."""
+    tile is the model's input `size` (default `model.cfg.input_size`); `val`: held-out tiles
+    per position class (:func:`position_validation`) for per-position rulers."""
     test = [s for s in samples if s.split == "test"]
     if not test:
         raise LineGuardError("no test images in the data (expected <category>/test/<defect>)")
@@ -146,6 +217,8 @@ def evaluate_tiled(
     classes = sorted({s.category for s in test})
     prompts = original_prompts(classes, samples, prompt, checkpoint_prompts)
     tokens: dict[tuple[str, tuple[int, int]], torch.Tensor] = {}
+    rulers: dict[tuple[str, tuple[int, int]], tuple[np.ndarray, np.ndarray] | None] = {}
+    ruled: dict[str, str] = {}
     maps: list[np.ndarray] = []
     scores = np.zeros(len(test), np.float64)
     tiles = np.zeros(len(test), np.int64)
@@ -159,7 +232,13 @@ def evaluate_tiled(
             if p.shape[:2] != hw:  # a prompt of another size: bring it to this image's size
                 p = cv2.resize(p, (hw[1], hw[0]), interpolation=cv2.INTER_AREA)
             tokens[key] = encode_tiles(model, p, grid, tiling.prompt, device)
-        m, scores[i] = detect_tiled(model, img, tokens[key], grid, device, batch_size)
+            ptiles = cut(to_canvas(p, grid), grid)
+            found = validation_rulers(model, val, s.category, tokens[key], ptiles, grid, device)
+            rulers[key] = found and position_arrays([PositionScale(**r) for r in found[0]])
+            ruled[s.category] = found[1] if found else "max over tiles (one ruler)"
+        m, tile_scores = detect_tiled(model, img, tokens[key], grid, device, batch_size)
+        r = rulers[key]
+        scores[i] = tile_scores.max() if r is None else ruled_max(tile_scores, *r)
         maps.append(m)
         tiles[i] = grid.n
     per_class = {}
@@ -179,6 +258,7 @@ def evaluate_tiled(
         "input_size": size,
         "tiling": tiling.model_dump(),
         "tiles_per_image": float(tiles.mean()),
+        "image_score": ruled,
         "maps_at": "original image size",
     }
     return results, maps, scores

@@ -161,7 +161,13 @@ class Demo:
         )  # fmt: skip
 
     def quantize(self, rec: StepRecord) -> None:
-        control = "" if self.args.quick else " --accuracy-control"
+        # quick: one rung of the INT8 ladder, no accuracy control (a refusal still exercises
+        # the FP32 fallback); the full demo lets the ladder find a scheme that passes
+        control = (
+            " --scheme full --preset performance --float-ops f32"
+            if self.args.quick
+            else " --accuracy-control"
+        )
         code, _ = self.lg(
             rec, "quantize", "quantize --artifact {out}/model" + control, check=False, out=self.out
         )
@@ -388,7 +394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help=f"smoke run for tests: {QUICK_EPOCHS} epochs (unless --epochs), no evaluation, "
-        "INT8 without accuracy control (weaker model, fewer or no alerts)",
+        "one INT8 scheme without accuracy control (weaker model, fewer or no alerts)",
     )
     p.add_argument(
         "--reuse-model",

@@ -92,6 +92,7 @@ def _values(d: dict[str, Any] | None) -> str:
 
 
 def _score(ctx: _Context, args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
+    from lineguard.runtime.calibration.positions import fit_rulers, ruled_scores
     from lineguard.runtime.calibration.report import make_report, summary_lines, write_report
     from lineguard.runtime.calibration.scoring import StationScorer, camera_frames, folder_frames
 
@@ -99,6 +100,8 @@ def _score(ctx: _Context, args: argparse.Namespace) -> tuple[dict[str, Any], Pat
         if not 0.0 < getattr(args, name) < 1.0:
             raise LineGuardError(f"--{name.replace('_', '-')} must be between 0 and 1")
     cfg = ctx.cfg
+    if args.positions and cfg.tiling is None:
+        raise LineGuardError(f"--positions: station {cfg.station_id} is not tiled")
     scorer = StationScorer(cfg)
     try:
         if args.folder is not None:
@@ -117,6 +120,12 @@ def _score(ctx: _Context, args: argparse.Namespace) -> tuple[dict[str, Any], Pat
             defects = scorer.score_all(
                 folder_frames(args.defects, recursive=True), False, "defects"
             )
+        rulers = None
+        if args.positions:  # the image scores on per-position rulers fitted on these frames
+            rulers = fit_rulers(normal.tiles)
+            normal.image = ruled_scores(normal.tiles, rulers)
+            if defects is not None:
+                defects.image = ruled_scores(defects.tiles, rulers)
         station = {
             "id": cfg.station_id,
             "line": cfg.line_id,
@@ -144,6 +153,8 @@ def _score(ctx: _Context, args: argparse.Namespace) -> tuple[dict[str, Any], Pat
             )
         except ValueError as exc:
             raise LineGuardError(f"cannot propose thresholds: {exc}") from None
+        if rulers is not None:
+            report["position_norm"] = rulers
     finally:
         scorer.close()
     out = args.out or Path("calibration") / f"{cfg.station_id}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -174,6 +185,8 @@ def calibrate(args: argparse.Namespace) -> int:
         return 2
     ctx = _Context(args)
     changing = bool(args.apply) or args.shadow
+    if args.positions:
+        _config_only(args)
     if changing:  # check everything a change needs before the (long) scoring
         ctx.need_reason()
         if "config" in args.apply:
@@ -187,6 +200,9 @@ def calibrate(args: argparse.Namespace) -> int:
         report_path = Path(args.from_report).absolute()
     else:
         report, report_path = _score(ctx, args)
+    rulers = report.get("position_norm")
+    if rulers is not None:
+        _config_only(args)
     if not changing:
         _print(["preview only: nothing applied (use --apply config|mqtt or --shadow)"])
         return 0
@@ -219,7 +235,10 @@ def calibrate(args: argparse.Namespace) -> int:
     if "config" in args.apply:
         from lineguard.runtime.calibration.apply import audit_file_change, write_thresholds
 
-        change = write_thresholds(ctx.station_file, proposed)
+        change = write_thresholds(ctx.station_file, proposed, position_norm=rulers)
+        extra: dict[str, Any] = {"report": str(report_path)}
+        if rulers is not None:
+            extra["position_norm"] = rulers
         audit_file_change(
             ctx.audit(),
             ctx.cfg,
@@ -228,16 +247,27 @@ def calibrate(args: argparse.Namespace) -> int:
             reason=why,
             action="calibrate/apply",
             edge_id=ctx.site.edge_id if ctx.site else None,
-            extra={"report": str(report_path)},
+            extra=extra,
         )
         note = "" if change.comments_kept else " (comments could not be kept)"
+        ruled = "" if rulers is None else f" and {len(rulers)} per-position rulers"
         _print(
             [
-                f"{change.path}: {_values(change.old)} -> {_values(change.new)}; backup "
+                f"{change.path}: {_values(change.old)} -> {_values(change.new)}{ruled}; backup "
                 f"{change.backup}{note}; a running runtime reads it at its next start"
             ]
         )
     return 0
+
+
+def _config_only(args: argparse.Namespace) -> None:
+    """Per-position rulers change what an image threshold means: they travel with the
+    thresholds in the station file only, never live to a runtime that still reads the old ones."""
+    if "mqtt" in args.apply or args.shadow:
+        raise LineGuardError(
+            "per-position rulers (--positions) are applied with --apply config only (the runtime "
+            "reads them at its next start); not with --apply mqtt or --shadow"
+        )
 
 
 def _where(ctx: _Context) -> str:

@@ -1,6 +1,7 @@
 """Apply or roll back calibrated thresholds: in the station file, or live over MQTT. Audited.
 
-**Station file.** Only the values under `thresholds:` change; the rest of the text (comments,
+**Station file.** Only the values under `thresholds:` change (and, with `--positions`,
+`tiling.position_norm`); the rest of the text (comments,
 order, flow or block style) is kept by editing the YAML scalars in place at the positions PyYAML
 reports. The result is re-validated with the runtime's own loader before it replaces the file
 (atomically); the previous file is kept as `<file>.bak.<N>` (N increasing). `rollback_config`
@@ -47,12 +48,19 @@ KEYS = ("image", "pixel", "min_area_px")
 ROLLBACK_PREFIX = "rollback:"
 
 
+def _yaml_float(value: float) -> str:
+    """repr (exact) in a form YAML 1.1 reads as a float: `1e-05` would load as a string."""
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
 def _fmt(key: str, value: float | int) -> str:
     try:
         value = check_value(key, value)
     except ThresholdError as exc:
         raise LineGuardError(f"threshold {exc}") from None
-    return str(value) if key == "min_area_px" else repr(value)
+    return str(value) if key == "min_area_px" else _yaml_float(value)
 
 
 # ---------------------------------------------------------------------------- station file
@@ -75,17 +83,29 @@ def list_backups(path: str | Path) -> list[Path]:
 
 def _edit_thresholds(text: str, values: dict[str, Any]) -> str:
     """`text` with `thresholds.<key>` set for every key in `values`, comments kept."""
+    return _edit_block(text, "thresholds", {k: _fmt(k, v) for k, v in values.items()})
+
+
+def _flow_rulers(rulers: list[dict[str, float]]) -> str:
+    """Per-position rulers as one YAML flow sequence (one line, exact floats)."""
+    items = (
+        f"{{center: {_yaml_float(r['center'])}, scale: {_yaml_float(r['scale'])}}}" for r in rulers
+    )
+    return "[" + ", ".join(items) + "]"
+
+
+def _edit_block(text: str, block: str, items: dict[str, str]) -> str:
+    """`text` with `<block>.<key>` set to the YAML text `items[key]`, comments kept."""
     root = yaml.compose(text, Loader=yaml.SafeLoader)
     if not isinstance(root, yaml.MappingNode):
         raise LineGuardError("station file is not a mapping")
-    node = next((v for k, v in root.value if k.value == "thresholds"), None)
-    items = {k: _fmt(k, v) for k, v in values.items()}
+    node = next((v for k, v in root.value if k.value == block), None)
     edits: list[tuple[int, int, str]] = []  # (start, end, replacement)
     if node is None:
-        block = "".join(f"  {k}: {v}\n" for k, v in items.items())
+        body = "".join(f"  {k}: {v}\n" for k, v in items.items())
         sep = "" if text.endswith("\n") or not text else "\n"
-        return f"{text}{sep}thresholds:\n{block}"
-    if isinstance(node, yaml.ScalarNode):  # `thresholds:` with nothing (null)
+        return f"{text}{sep}{block}:\n{body}"
+    if isinstance(node, yaml.ScalarNode):  # `<block>:` with nothing (null)
         flow = "{" + ", ".join(f"{k}: {v}" for k, v in items.items()) + "}"
         start = node.start_mark.index
         end = node.end_mark.index
@@ -93,7 +113,7 @@ def _edit_thresholds(text: str, values: dict[str, Any]) -> str:
             return text[:start] + " " + flow + text[end:]
         return text[:start] + flow + text[end:]
     if not isinstance(node, yaml.MappingNode):
-        raise LineGuardError("thresholds: expected a mapping")
+        raise LineGuardError(f"{block}: expected a mapping")
     present = {k.value: v for k, v in node.value}
     missing = {k: v for k, v in items.items() if k not in present}
     for key, value in items.items():
@@ -154,22 +174,43 @@ class FileChange:
     comments_kept: bool = True
 
 
-def write_thresholds(path: str | Path, values: dict[str, Any]) -> FileChange:
-    """Set thresholds in a station file, keeping a versioned backup (see module docstring)."""
+def _rulers_of(cfg: StationConfig) -> list[dict[str, float]] | None:
+    norm = None if cfg.tiling is None else cfg.tiling.position_norm
+    return None if norm is None else [p.model_dump() for p in norm]
+
+
+def write_thresholds(
+    path: str | Path,
+    values: dict[str, Any],
+    position_norm: list[dict[str, float]] | None = None,
+) -> FileChange:
+    """Set thresholds (and, for a tiled station, its per-position rulers) in a station file,
+    keeping a versioned backup (see module docstring)."""
     path = Path(path)
     unknown = set(values) - set(KEYS)
     if unknown:
         raise LineGuardError(f"unknown threshold keys: {', '.join(sorted(unknown))}")
     original = path.read_text(encoding="utf-8")
     before = load_station(path, check_files=False)
+    if position_norm is not None and before.tiling is None:
+        raise LineGuardError(f"{path}: per-position rulers need a tiled station")
     kept = True
     text = _edit_thresholds(original, values)
+    if position_norm is not None:
+        text = _edit_block(text, "tiling", {"position_norm": _flow_rulers(position_norm)})
+
+    def wrong(cfg: StationConfig) -> bool:
+        rulers_wrong = position_norm is not None and _rulers_of(cfg) != position_norm
+        return rulers_wrong or any(_thresholds_of(cfg)[k] != v for k, v in values.items())
+
     cfg = _validated(path, text)
-    if any(_thresholds_of(cfg)[k] != v for k, v in values.items()):
+    if wrong(cfg):
         # Should not happen; if an unusual layout defeats the in-place edit, rewrite the data.
         log.warning("%s: in-place edit failed; rewriting the file without its comments", path)
         data = yaml.safe_load(original)
         data.setdefault("thresholds", {}).update(values)
+        if position_norm is not None:
+            data["tiling"]["position_norm"] = position_norm
         text = yaml.safe_dump(data, sort_keys=False)
         cfg = _validated(path, text)
         kept = False

@@ -112,6 +112,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="send the proposal as a shadow candidate to the running runtime (no alerts)",
     )
+    p.add_argument(
+        "--positions",
+        action="store_true",
+        help="tiled stations: also fit one image-score ruler per tile position on the normal "
+        "frames (the noisiest position no longer sets every frame's score) and propose the "
+        "image threshold on it; applied with --apply config only",
+    )
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(handler=calibrate, calibrate_parser=p)
     actions = p.add_subparsers(dest="calibrate_action", metavar="ACTION")

@@ -41,6 +41,7 @@ class ScoreSet:
     image: list[float] = field(default_factory=list)
     region: list[float] = field(default_factory=list)
     pixels: PixelTail | None = None
+    tiles: list[np.ndarray] = field(default_factory=list)  # tiled: raw score of every tile
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.image, np.float64), np.asarray(self.region, np.float64)
@@ -99,14 +100,18 @@ class StationScorer:
             )
         self.engine = engine
         self.active = Thresholds.resolve(cfg.thresholds, engine.card.thresholds)
-        self.pipeline = Pipeline(
-            engine,
-            prompt,
-            thresholds=self.active,
-            roi=cfg.roi,
-            ignore_masks=cfg.ignore_masks,
-            tiling=cfg.tiling,
-        )
+        try:
+            self.pipeline = Pipeline(
+                engine,
+                prompt,
+                thresholds=self.active,
+                roi=cfg.roi,
+                ignore_masks=cfg.ignore_masks,
+                tiling=cfg.tiling,
+            )
+        except ValueError as exc:  # as a station reports it
+            self.close()
+            raise LineGuardError(f"station {cfg.station_id}: {exc}") from exc
         self._ignore: dict[tuple[int, int], np.ndarray | None] = {}
 
     def close(self) -> None:
@@ -128,6 +133,8 @@ class StationScorer:
         smap = decision.score_map
         into.names.append(name)
         into.image.append(float(decision.image_score))
+        if decision.tile_scores is not None:
+            into.tiles.append(np.array(decision.tile_scores, np.float64))
         into.region.append(
             region_score(smap, self.active.min_area_px, ignore, decision.roi, decision.frame_size)
         )

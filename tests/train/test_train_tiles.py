@@ -114,3 +114,50 @@ def test_tile_dataset_one_category_per_position(wide, tmp_path):
     assert len(samples) == 3 * grid.n
     img = cv2.imread(str(samples[0].path))
     assert img.shape == (SIZE, SIZE, 3)
+
+
+def test_per_position_rulers_from_validation_tiles_lift_the_image_auroc(tmp_path):
+    """One tile position is noisy on every normal frame; the defects (thin lines) sit
+    elsewhere. With the plain max the noisy position decides every frame's score; on
+    per-position rulers fitted on held-out validation tiles the lines stand out."""
+    from lineguard.runtime.tiling import cut, to_canvas
+    from lineguard.train.tiles import evaluate_tiled
+
+    rng = np.random.default_rng(3)
+    base = cv2.GaussianBlur(rng.integers(80, 180, (H, W, 3)).astype(np.float32), (0, 0), 1.5)
+    grid = make_grid(W, H, SIZE, 1.0, 0.25)
+    noisy = (slice(0, SIZE - 8), slice(0, SIZE - 8))  # inside the first tile only
+
+    def shot() -> np.ndarray:
+        img = base + rng.normal(0, 2, base.shape)
+        img[noisy] += rng.normal(0, 60, img[noisy].shape)
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+    cat = tmp_path / "parts" / "strip"
+    for sub in ("train/good", "test/good", "test/line", "ground_truth/line"):
+        (cat / sub).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(cat / "train/good/000.png"), base.astype(np.uint8))  # the prompt
+    for i in range(10):
+        cv2.imwrite(str(cat / "test/good" / f"{i:03d}.png"), shot())
+        img, mask = shot(), np.zeros((H, W), np.uint8)
+        x, y = int(rng.integers(W - 60, W - 10)), int(rng.integers(10, H - 40))
+        img[y : y + 30, x : x + 2] = np.clip(img[y : y + 30, x : x + 2] - 40.0, 0, 255)
+        mask[y : y + 30, x : x + 2] = 255
+        cv2.imwrite(str(cat / "test/line" / f"{i:03d}.png"), img)
+        cv2.imwrite(str(cat / "ground_truth/line" / f"{i:03d}_mask.png"), mask)
+    held_out = [cut(to_canvas(shot(), grid), grid) for _ in range(24)]
+    val = {
+        f"strip@r{k // len(grid.xs)}c{k % len(grid.xs)}": np.stack([t[k] for t in held_out])
+        for k in range(grid.n)
+    }
+    samples = scan_mvtec(tmp_path / "parts")
+    tiling = TilingConfig(scale=1.0, overlap=0.25)
+    kw = dict(prompt="first", progress=False, size=SIZE)
+    plain, _, _ = evaluate_tiled(StandIn(), samples, tiling, "cpu", **kw)
+    ruled, _, _ = evaluate_tiled(StandIn(), samples, tiling, "cpu", val=val, **kw)
+    assert plain["image_score"]["strip"].startswith("max over tiles")
+    assert ruled["image_score"]["strip"].startswith("ruled max")
+    a_plain, a_ruled = plain["mean"]["image_auroc"], ruled["mean"]["image_auroc"]
+    assert a_ruled > 0.9 and a_ruled > a_plain + 0.2, (a_plain, a_ruled)
+    # the maps do not change: only how a frame's tiles make its one score
+    assert ruled["mean"]["pixel_ap"] == pytest.approx(plain["mean"]["pixel_ap"])
