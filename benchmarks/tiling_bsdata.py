@@ -80,6 +80,7 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
     from lineguard.train.tiles import load_original
 
     log: list[str] = []
+    load_start = os.getloadavg()
     t0 = time.perf_counter()
     train_data = a.data
     tile_flags = ["--tile-scale", str(a.scale), "--tile-overlap", str(a.overlap)]
@@ -128,6 +129,11 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
         "mean": {k: v for k, v in mean_metrics(per_class).items() if k in HEADLINE},
         "per_class": per_class,
         "wall_s": round(time.perf_counter() - t0, 1),
+        # 1/5/15-min load averages of the machine when the mode started and ended
+        "load": {
+            "start": [round(v, 2) for v in load_start],
+            "end": [round(v, 2) for v in os.getloadavg()],
+        },
     }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lineguard.runtime.calibration.positions import rulers_of_positions
+from lineguard.runtime.calibration.positions import MIN_FRAMES, rulers_of_positions
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.tiling import (
     Grid,
@@ -133,9 +133,16 @@ def validation_rulers(
     if any(n not in val for n in names):
         log.warning("per-position rulers: the model was not trained on this grid; plain max")
         return None
+    kept = [
+        [t for t in val[n] if not np.array_equal(t, prompt_tiles[k])] for k, n in enumerate(names)
+    ]
+    if min(len(t) for t in kept) < MIN_FRAMES:  # too few to rule a position: the plain max
+        log.warning(
+            "per-position rulers need %d validation tiles per position; plain max", MIN_FRAMES
+        )
+        return None
     columns = []
-    for k, name in enumerate(names):
-        tiles = np.stack([t for t in val[name] if not np.array_equal(t, prompt_tiles[k])])
+    for k, tiles in enumerate(np.stack(t) for t in kept):
         out = []
         for a in range(0, len(tiles), batch_size):
             part = to_tensor(tiles[a : a + batch_size], device)

@@ -161,3 +161,8 @@ def test_per_position_rulers_from_validation_tiles_lift_the_image_auroc(tmp_path
     assert a_ruled > 0.9 and a_ruled > a_plain + 0.2, (a_plain, a_ruled)
     # the maps do not change: only how a frame's tiles make its one score
     assert ruled["mean"]["pixel_ap"] == pytest.approx(plain["mean"]["pixel_ap"])
+    # too few held-out tiles to rule a position: the plain max, said so
+    few = {k: v[:5] for k, v in val.items()}
+    fallback, _, _ = evaluate_tiled(StandIn(), samples, tiling, "cpu", val=few, **kw)
+    assert fallback["image_score"]["strip"].startswith("max over tiles")
+    assert fallback["mean"]["image_auroc"] == pytest.approx(a_plain)
