@@ -56,11 +56,19 @@ def markdown_table(results: Mapping[str, Any]) -> str:
             f"\nPrompt retrieval picked the right class for {_pct(results['retrieval_accuracy'])}"
         )
         text += " % of test images.\n"
-    text += (
-        "\nFractions × 100. Fixed prompt per class; maps at the model input resolution; masks "
-        "resized nearest; image label = defect folder; AUROC not flipped; AP = sklearn average "
-        "precision; AUPRO to FPR 0.3, normalised.\n"
+    tiled = results.get("maps_at") == "original image size"
+    maps_at = (
+        "tiled, maps stitched at the ORIGINAL image size; masks at their own size"
+        if tiled
+        else "maps at the model input resolution; masks resized nearest"
     )
+    text += (
+        f"\nFractions × 100. Fixed prompt per class; {maps_at}; image label = defect folder; "
+        "AUROC not flipped; AP = sklearn average precision; AUPRO to FPR 0.3, normalised.\n"
+    )
+    rules = results.get("image_score") if tiled else None
+    for cls, rule in (rules or {}).items():
+        text += f"Image score of {cls}: {rule}.\n"
     return text
 
 
