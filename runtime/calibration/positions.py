@@ -9,7 +9,7 @@ one ruler (median; 99th percentile minus median) and the image thresholds are th
 the ruled scores, so both are written to the station file together.
 
 On ball-screw frames (1130×460, 18 tiles) the ruled max lifted the image AUROC of the same tiled
-model from 0.896 to 0.938 (benchmarks/results/tiling_bsdata.json).
+model from 0.896 to 0.938 (benchmarks/results/tiling_bsdata_extra/tiling_bsdata_15m_rulers.json).
 """
 
 from __future__ import annotations
