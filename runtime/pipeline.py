@@ -151,7 +151,7 @@ class Pipeline:
             if tiling.prompt == "per-tile":
                 self.tile_prompt_size = (int(prompt_rgb.shape[1]), int(prompt_rgb.shape[0]))
             if tiling.position_norm is not None:
-                self._rulers = position_arrays(tiling.position_norm)
+                self._rulers = position_arrays([p.model_dump() for p in tiling.position_norm])
                 if tiling.prompt == "per-tile" and len(self._rulers[0]) != grid.n:
                     raise ValueError(
                         f"tiling.position_norm holds {len(self._rulers[0])} positions but the "

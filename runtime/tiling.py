@@ -17,7 +17,7 @@ Pure numpy (plus cv2 for the one resize, as the rest of the edge): no torch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -190,11 +190,11 @@ def detect_tiles(
     return maps, np.asarray(scores, np.float64).reshape(-1)
 
 
-def position_arrays(norm: Sequence[PositionScale]) -> tuple[np.ndarray, np.ndarray]:
-    """(centers, scales) float64 arrays of the per-position rulers."""
+def position_arrays(norm: Sequence[Mapping[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """(centers, scales) float64 arrays of per-position rulers given as `{center, scale}`."""
     return (
-        np.array([p.center for p in norm], np.float64),
-        np.array([p.scale for p in norm], np.float64),
+        np.array([p["center"] for p in norm], np.float64),
+        np.array([p["scale"] for p in norm], np.float64),
     )
 
 

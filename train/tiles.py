@@ -34,7 +34,6 @@ from lineguard.runtime.calibration.positions import MIN_FRAMES, rulers_of_positi
 from lineguard.runtime.errors import LineGuardError
 from lineguard.runtime.tiling import (
     Grid,
-    PositionScale,
     TilingConfig,
     cut,
     make_grid,
@@ -241,7 +240,7 @@ def evaluate_tiled(
             tokens[key] = encode_tiles(model, p, grid, tiling.prompt, device)
             ptiles = cut(to_canvas(p, grid), grid)
             found = validation_rulers(model, val, s.category, tokens[key], ptiles, grid, device)
-            rulers[key] = found and position_arrays([PositionScale(**r) for r in found[0]])
+            rulers[key] = found and position_arrays(found[0])
             ruled[s.category] = found[1] if found else "max over tiles (one ruler)"
         m, tile_scores = detect_tiled(model, img, tokens[key], grid, device, batch_size)
         r = rulers[key]

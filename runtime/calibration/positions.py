@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lineguard.runtime.errors import LineGuardError
-from lineguard.runtime.tiling import ruled_max
+from lineguard.runtime.tiling import position_arrays, ruled_max
 
 MIN_FRAMES = 20  # fewer normal frames give a 99th percentile that is just the maximum of few
 
@@ -32,10 +32,6 @@ def fit_rulers(tile_scores: Sequence[np.ndarray]) -> list[dict[str, float]]:
     if len(counts) != 1:
         raise LineGuardError(
             f"--positions: frames give {counts} tiles; calibrate positions on frames of one size"
-        )
-    if len(tile_scores) < MIN_FRAMES:
-        raise LineGuardError(
-            f"--positions needs at least {MIN_FRAMES} normal frames, got {len(tile_scores)}"
         )
     a = np.stack([np.asarray(t, np.float64) for t in tile_scores])
     return rulers_of_positions(list(a.T))
@@ -65,8 +61,7 @@ def ruled_scores(
     tile_scores: Sequence[np.ndarray], rulers: Sequence[dict[str, float]]
 ) -> list[float]:
     """Each frame's image score on the per-position rulers (the runtime's rule)."""
-    c = np.array([r["center"] for r in rulers], np.float64)
-    s = np.array([r["scale"] for r in rulers], np.float64)
+    c, s = position_arrays(rulers)
     try:
         return [ruled_max(t, c, s) for t in tile_scores]
     except ValueError as exc:
