@@ -221,7 +221,7 @@ def bench(graphs: dict[str, dict], args: argparse.Namespace) -> tuple[list[dict]
 def ratios(times: dict[str, list[float]], per_round: int) -> dict[str, float | str]:
     """Speed of batching: p50 (and p95) of one call per tile / batched (> 1: batching is faster),
     split into the dynamic graph's own cost and the gain of batching on that graph."""
-    p = {k: (np.percentile(v, 50), np.percentile(v, 95)) for k, v in times.items()}
+    p = {k: (float(np.percentile(v, 50)), float(np.percentile(v, 95))) for k, v in times.items()}
     base = "per_tile_static" if "per_tile_static" in p else "per_tile_dynamic"
     meds = {k: per_round_medians(v, per_round) for k, v in times.items()}
     won = sum(a > b for a, b in zip(meds[base], meds["batched"], strict=True))
@@ -243,7 +243,7 @@ def verdict(r: dict) -> tuple[bool, str]:
     """Whether batching beats one call per tile on this run, and what the split says."""
     ratio, won = r["batched_vs_one_call_per_tile_p50"], r["rounds_batched_faster"]
     a, b = (int(x) for x in won.split("/"))
-    wins = ratio > 1.0 and 2 * a > b
+    wins = bool(ratio > 1.0 and 2 * a > b)  # a plain bool: the result is JSON
     head = (
         f"batching {'beats' if wins else 'does NOT beat'} one call per tile: "
         f"{ratio}x at p50 ({r['batched_vs_one_call_per_tile_p95']}x at p95), faster "

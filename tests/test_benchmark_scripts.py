@@ -259,3 +259,23 @@ def test_edge_latency_tiled_tiny_merges_rows(tmp_path: Path) -> None:
     again = json.loads((out / "edge_latency.json").read_text())
     assert again["rows"] == committed["rows"] + tiled and again["tiled"] == block
     assert "## Tiled frame" in (out / "edge_latency.md").read_text()
+
+
+@pytest.mark.parametrize("batched_ms", [5.0, 20.0])
+def test_edge_latency_tiled_verdict_is_json_either_way(batched_ms: float) -> None:
+    """Whether batching wins or loses, ratios and verdict are plain JSON (a losing run once
+    wrote a numpy bool and the script died before writing its result)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_elt", ROOT / "benchmarks/edge_latency_tiled.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times = {"per_tile_static": [10.0] * 4, "per_tile_dynamic": [11.0] * 4}
+    times["batched"] = [batched_ms] * 4
+    r = bench.ratios(times, per_round=2)
+    wins, text = bench.verdict(r)
+    assert type(wins) is bool and wins == (batched_ms < 10.0)
+    assert json.loads(json.dumps({"ratios": r, "wins": wins}))["wins"] == wins
+    assert ("does NOT beat" in text) != wins
