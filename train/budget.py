@@ -3,8 +3,11 @@
 Why time and not epochs: a plant engineer has "half an hour on this PC", not "N epochs", and the
 same recipe must finish on a 2-core CPU and on a GPU. The learning rate follows the fraction of
 the budget spent, not the step count: linear warm-up over the first ``warmup_fraction``, then a
-cosine decay to ``min_lr_fraction`` of the peak exactly when the budget ends. The clock stops
-the run before a step or a proxy evaluation would overrun, using the slowest step and the
+cosine decay to ``min_lr_fraction`` of the peak exactly when training ends. Training ends before
+the budget does, by a reserve for the closing evaluations (the final proxy and the choices made
+on validation after the last step): the schedule and the evaluation points are fractions of that
+horizon (budget minus reserve), so the lr reaches its floor at the last step even when the
+closing work is a large share of a short budget. The reserve uses the slowest step and the
 slowest evaluation seen so far as estimates.
 """
 
@@ -47,15 +50,15 @@ def lr_factor(fraction: float, warmup_fraction: float, min_lr_fraction: float) -
 class BudgetClock:
     """Time left, the lr factor and when to evaluate, for one budgeted run.
 
-    ``evals`` proxy evaluations are spread evenly over the budget (plus one at the end); the
-    first one after 25 % of it, since an earlier model is never the one worth keeping.
+    ``evals`` proxy evaluations are spread evenly over the training horizon (plus one at the
+    end); the first one after 25 % of it, since an earlier model is never the one worth keeping.
     """
 
     budget_s: float
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.02
     evals: int = 8
-    closing_evals: int = 1  # evaluations after the last step (final proxy, map-blur choice)
+    closing_evals: int = 1  # evaluations after the last step (final proxy, choices on validation)
     start: float = field(default_factory=time.perf_counter)
     max_step_s: float = 0.0
     max_eval_s: float = 0.0
@@ -64,8 +67,17 @@ class BudgetClock:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    def reserve(self) -> float:
+        """Seconds kept for one more step and the closing evaluations (with 20 % to spare)."""
+        return 1.5 * self.max_step_s + 1.2 * self.closing_evals * self.max_eval_s
+
+    def horizon(self) -> float:
+        """Seconds of training: the budget less the reserve (never below a tenth of it)."""
+        return max(self.budget_s - self.reserve(), 0.1 * self.budget_s)
+
     def fraction(self) -> float:
-        return self.elapsed() / self.budget_s
+        """Share of the training horizon spent (the lr schedule and evaluations follow it)."""
+        return self.elapsed() / self.horizon()
 
     def left(self) -> float:
         return self.budget_s - self.elapsed()
@@ -85,7 +97,7 @@ class BudgetClock:
         return [first + (1.0 - first) * i / n for i in range(n)]
 
     def eval_due(self) -> bool:
-        """True once per scheduled point (fractions of the budget), never in the last step."""
+        """True once per scheduled point (fractions of the horizon), never in the last step."""
         times = self._eval_times()
         if self._next_eval < len(times) and self.fraction() >= times[self._next_eval]:
             while self._next_eval < len(times) and self.fraction() >= times[self._next_eval]:
@@ -95,8 +107,7 @@ class BudgetClock:
 
     def must_stop(self) -> bool:
         """Stop when one more step and the closing evaluations would not fit in the budget."""
-        reserve = 1.5 * self.max_step_s + 1.2 * self.closing_evals * self.max_eval_s
-        return self.left() <= reserve
+        return self.left() <= self.reserve()
 
     def describe(self) -> str:
         left = max(self.left(), 0.0)

@@ -22,10 +22,21 @@ from tqdm import tqdm
 
 from lineguard.train.budget import BudgetClock
 from lineguard.train.checkpoint import save_checkpoint
-from lineguard.train.proxy import BLUR_SIGMAS, MATCH_ZOOMS
+from lineguard.train.proxy import BLUR_SIGMAS, MATCH_WEIGHTS, MATCH_ZOOMS
 
 if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
+
+
+def closing_evaluations() -> int:
+    """The work after the last step, in proxy evaluations: the final proxy, one per map blur
+    tried, then the prompt-match choice, which scores the judge set once per zoom (an upsampled
+    backbone pass costs up to zoom² a plain one) and measures every share tried (the measuring
+    is most of an evaluation where the validation set is large, e.g. tiles): the larger of the
+    two counts."""
+    passes = sum(z * z for z in MATCH_ZOOMS)
+    tries = len(MATCH_WEIGHTS) + (len(MATCH_ZOOMS) - 1) * (len(MATCH_WEIGHTS) - 1)
+    return 1 + len(BLUR_SIGMAS) + max(passes, tries)
 
 
 def _agree(tr: Trainer, *flags: bool) -> list[bool]:
@@ -49,9 +60,7 @@ class _Run:
             cfg.warmup_fraction,
             cfg.min_lr_fraction,
             cfg.proxy_evals,
-            # final proxy, one per map blur tried, the prompt-match choice at each zoom (an
-            # upsampled backbone pass costs up to zoom² the plain one)
-            closing_evals=1 + len(BLUR_SIGMAS) + sum(z * z for z in MATCH_ZOOMS),
+            closing_evals=closing_evaluations(),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -66,7 +75,8 @@ class _Run:
     def evaluate(self) -> None:
         """Proxy + calibration now; keep (and write) the weights if they are the best yet."""
         tr = self.tr
-        tr.val_defects()  # drawn once, before the clock: not a cost of every evaluation
+        tr.val_defects()  # drawn once, at the first evaluation: not a cost of every one
+        tr.judge_defects()  # ... and so are the closing match choice's (untimed in the reserve)
         if tr.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

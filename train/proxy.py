@@ -132,6 +132,12 @@ def choose_map_blur(
     return proxy, calib, tried
 
 
+def judge_validation(data: TrainingData, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out judge defects (:mod:`lineguard.train.judge_defects`, a family the model
+    never trained on) drawn with ``seed`` on the normal validation images."""
+    return synthetic_validation(data, JudgeDefects(), seed)
+
+
 #: shares of the prompt match tried; the first best wins ties (the learned map alone first)
 MATCH_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 #: zooms of the prompt match tried, cheapest first (a zoom costs one more backbone pass)
@@ -142,13 +148,13 @@ def choose_match_weight(
     model: OneNIP,
     data: TrainingData,
     device,
-    seed: int,
+    judge: tuple[np.ndarray, np.ndarray, np.ndarray],
     weights: tuple[float, ...] = MATCH_WEIGHTS,
     zooms: tuple[int, ...] = MATCH_ZOOMS,
 ) -> tuple[dict, dict]:
     """Pick the share and the zoom of the prompt match (:mod:`lineguard.train.prompt_match`) on
-    HELD-OUT judge defects (:mod:`lineguard.train.judge_defects`, drawn with ``seed`` on the
-    normal validation images) and set them with the scale k. Returns
+    HELD-OUT judge defects (``judge``: :func:`judge_validation`) and set them with the
+    scale k. Returns
     (what was tried, the calibration of the final map). Call after :func:`choose_map_blur`
     (c and the smoothing are kept). Order of the tries: share 0 (the learned map alone, the
     same at every zoom), then each zoom's shares; the first best wins, so a costlier map must
@@ -160,7 +166,7 @@ def choose_match_weight(
     normal, labels = data.val_images, data.val_labels
     if len(normal) == 0:
         raise ValueError("choosing the prompt match needs validation images")
-    bad, masks, bad_labels = synthetic_validation(data, JudgeDefects(), seed)
+    bad, masks, bad_labels = judge
     both = np.concatenate([normal, bad])
     all_labels = np.concatenate([labels, bad_labels])
     prompts = data.prompt_images()

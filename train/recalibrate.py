@@ -14,7 +14,12 @@ from pathlib import Path
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.calibration import calibrate
 from lineguard.train.checkpoint import read_checkpoint, save_checkpoint
-from lineguard.train.proxy import choose_map_blur, choose_match_weight, synthetic_validation
+from lineguard.train.proxy import (
+    choose_map_blur,
+    choose_match_weight,
+    judge_validation,
+    synthetic_validation,
+)
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import load_training_data_for, make_synthesizer
 
@@ -54,7 +59,8 @@ def recalibrate(
         defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
         _, _, tried = choose_map_blur(model, td, defects, device)
         ckpt["metrics"]["map_blur"] = {"sigma": model.cfg.map_blur_sigma, "tried": tried}
-        ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, cfg.seed)
+        judge = judge_validation(td, cfg.seed)
+        ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, judge)
         chosen = {
             k: getattr(model.cfg, k) for k in ("map_blur_sigma", "match_weight", "match_zoom")
         }

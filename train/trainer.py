@@ -38,6 +38,7 @@ from lineguard.train.losses import onenip_loss
 from lineguard.train.proxy import (
     choose_map_blur,
     choose_match_weight,
+    judge_validation,
     proxy_and_calibration,
     synthetic_validation,
 )
@@ -145,6 +146,7 @@ class Trainer:
         self.start_epoch, self.wall_time, self.history = 0, 0.0, []
         self.calibration: dict = {}
         self._val_defects = None
+        self._judge_defects = None
         self.metrics: dict = {}
         if cfg.resume is not None:
             if cfg.budget is not None:
@@ -328,6 +330,12 @@ class Trainer:
             self._val_defects = synthetic_validation(self.data, self.synth, self.cfg.seed)
         return self._val_defects
 
+    def judge_defects(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The held-out judge defects of the validation images (the match choice), drawn once."""
+        if self._judge_defects is None:
+            self._judge_defects = judge_validation(self.data, self.cfg.seed)
+        return self._judge_defects
+
     def evaluate_proxy(self) -> dict[str, float]:
         """Measure c and the normalisation on normal validation images, and the proxy."""
         proxy, self.calibration = proxy_and_calibration(
@@ -347,7 +355,7 @@ class Trainer:
         if len(self.data.val_images) == 0:
             return {"weight": 0.0, "why": "no validation images to judge it on"}
         info, self.calibration = choose_match_weight(
-            self.model, self.data, self.device, self.cfg.seed
+            self.model, self.data, self.device, self.judge_defects()
         )
         return info
 

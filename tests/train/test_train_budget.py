@@ -79,6 +79,22 @@ def test_clock_schedules_evaluations_and_reserves_time_to_finish() -> None:
     assert clock.must_stop()
 
 
+def test_lr_reaches_its_floor_when_training_stops_however_large_the_closing_work() -> None:
+    """The schedule follows the training horizon (budget less the closing reserve): with the
+    closing evaluations a large share of a short budget, the last step still runs at the floor
+    (it used to stop at 40 % of a 20 s budget with the lr near its peak)."""
+    clock = BudgetClock(100.0, evals=4, start=0.0, closing_evals=10)
+    clock.record_step(2.0)
+    clock.record_eval(5.0)  # reserve 1.5·2 + 1.2·10·5 = 63 s: 37 s of training
+    assert clock.horizon() == pytest.approx(37.0)
+    clock.elapsed = lambda: 18.5  # type: ignore[method-assign]
+    assert clock.fraction() == pytest.approx(0.5) and not clock.must_stop()
+    clock.elapsed = lambda: 37.0  # type: ignore[method-assign]
+    assert clock.must_stop() and clock.factor() == pytest.approx(clock.min_lr_fraction)
+    clock.record_eval(50.0)  # more than the budget holds: still a horizon, never negative
+    assert clock.horizon() == pytest.approx(10.0) and clock.must_stop()
+
+
 @pytest.mark.parametrize(
     ("n", "expected"), [(30, 8), (28, 8), (100, 10), (200, 20), (10, 5), (3, 1), (2, 1), (1, 0)]
 )
