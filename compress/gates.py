@@ -30,8 +30,8 @@ from scipy.stats import spearmanr
 
 from lineguard.compress.evalsets import EvalSet
 from lineguard.compress.graphs import to_model_input
-from lineguard.runtime.engine import GraphRunner
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.graph_runner import GraphRunner
 from lineguard.train.metrics import METRIC_KEYS, class_metrics, mean_metrics
 from lineguard.train.torch_model import OneNIP
 

@@ -30,95 +30,27 @@ import numpy as np
 
 from lineguard.runtime.artifact import ModelCard, load_card
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.graph_runner import (
+    ANOMALY_MAP,
+    IMAGE,
+    IMAGE_SCORE,
+    PROMPT_TOKENS,
+    TOKENS,
+    DetectResult,
+    GraphRunner,
+    as_tokens,
+    check_image,
+    existing_file,
+    unpack,
+)
 
 Backend = Literal["openvino", "onnxruntime"]
 PrecisionName = Literal["fp32", "int8", "bf16"]
 BACKENDS: tuple[str, ...] = ("openvino", "onnxruntime")
 PRECISIONS: tuple[str, ...] = ("fp32", "int8", "bf16")
 
-IMAGE, TOKENS = "image", "prompt_tokens"
-ANOMALY_MAP, IMAGE_SCORE, PROMPT_TOKENS = "anomaly_map", "image_score", "prompt_tokens"
-
 #: OpenVINO inference precision per engine precision (see module docstring).
 OV_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
-
-DetectResult = tuple[np.ndarray, float]
-
-
-def check_image(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Validate an RGB uint8 H×W×3 frame at the model input size; returns a 1×H×W×3 view."""
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
-        raise LineGuardError(
-            f"image must be a uint8 numpy array, got {getattr(rgb, 'dtype', type(rgb))}"
-        )
-    if rgb.shape != (size[0], size[1], 3):
-        raise LineGuardError(
-            f"image must be RGB {size[0]}x{size[1]}x3 (the model input size), got "
-            f"{rgb.shape}; resize with Engine.prepare() first"
-        )
-    return np.ascontiguousarray(rgb)[None]
-
-
-def check_batch(images: np.ndarray, tokens: np.ndarray, size: tuple[int, int]) -> tuple:
-    """Validate a batch: images u8 N×H×W×3 at the input size, tokens N×n×D or 1×n×D."""
-    imgs = np.asarray(images)
-    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[1:] != (size[0], size[1], 3):
-        raise LineGuardError(
-            f"batch must be uint8 N×{size[0]}×{size[1]}×3, got {imgs.dtype} {imgs.shape}"
-        )
-    toks = np.asarray(tokens, dtype=np.float32)
-    toks = toks[None] if toks.ndim == 2 else toks
-    if toks.ndim != 3 or len(toks) not in (1, len(imgs)):
-        raise LineGuardError(f"tokens must be 1×N×D or {len(imgs)}×N×D, got {toks.shape}")
-    return np.ascontiguousarray(imgs), np.ascontiguousarray(toks)
-
-
-class GraphRunner:
-    """One backend's compiled prompt encoder + detector (paths, no model card needed).
-
-    The compress stage's gates use this directly on freshly exported files; stations get it
-    through `load_engine`, which reads and verifies `model.json` first.
-    """
-
-    backend: str = ""
-    precision: str = "fp32"
-    input_size: tuple[int, int] = (0, 0)
-    batch_images: bool = False  # the detector takes N images per call
-    batch_tokens: bool = False  # ... and N prompt tokens alongside (per-tile prompts)
-
-    def encode_prompt(self, rgb: np.ndarray) -> np.ndarray:
-        """Golden sample RGB u8 H×W×3 -> prompt tokens float32 1×N×D."""
-        raise NotImplementedError
-
-    def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
-        """Frame RGB u8 H×W×3 + prompt tokens -> (raw anomaly map H×W float32, raw score)."""
-        raise NotImplementedError
-
-    def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
-        """Start `detect` without blocking the caller; the Future holds `(map, score)`."""
-        raise NotImplementedError
-
-    def detect_batch(self, images: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images u8 N×H×W×3 + tokens (N or 1)×n×D -> (raw maps N×H×W f32, raw scores N f32):
-        one call where the graph's batch is dynamic, else one call per image."""
-        imgs, toks = check_batch(images, tokens, self.input_size)
-        n = len(imgs)
-        shared = len(toks) == 1 or bool((toks == toks[:1]).all())
-        if self.batch_images and (self.batch_tokens or shared):
-            if self.batch_tokens and len(toks) != n:
-                toks = np.ascontiguousarray(np.repeat(toks[:1], n, axis=0))
-            elif not self.batch_tokens:
-                toks = toks[:1]
-            amap, score = self._run_batch(imgs, toks)
-            return amap.reshape(n, *amap.shape[-2:]), score.reshape(n)
-        outs = [self.detect(imgs[i], toks[i : i + 1] if len(toks) > 1 else toks) for i in range(n)]
-        return np.stack([m for m, _ in outs]), np.array([s for _, s in outs], np.float32)
-
-    def _run_batch(self, imgs: np.ndarray, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Wait for in-flight async work; the runner must not be used afterwards."""
 
 
 class OpenVINORunner(GraphRunner):
@@ -190,10 +122,10 @@ class OpenVINORunner(GraphRunner):
             return np.array(out[self._encoder.output(PROMPT_TOKENS)], dtype=np.float32)
 
     def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
-        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
+        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: as_tokens(tokens)}
         with self._lock:
             out = self._request.infer(inputs, share_inputs=True)
-            return _unpack(out[self._map_port], out[self._score_port])
+            return unpack(out[self._map_port], out[self._score_port])
 
     def _run_batch(self, imgs: np.ndarray, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
@@ -202,7 +134,7 @@ class OpenVINORunner(GraphRunner):
             return np.array(m, np.float32), np.array(s, np.float32)
 
     def detect_async(self, rgb: np.ndarray, tokens: np.ndarray) -> Future[DetectResult]:
-        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
+        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: as_tokens(tokens)}
         fut: Future[DetectResult] = Future()
         fut.set_running_or_notify_cancel()
         with self._queue_lock:  # start_async waits for a free request: natural backpressure
@@ -212,7 +144,7 @@ class OpenVINORunner(GraphRunner):
     def _on_done(self, request: Any, fut: Future[DetectResult]) -> None:
         try:
             fut.set_result(
-                _unpack(
+                unpack(
                     request.get_tensor(self._map_port).data,
                     request.get_tensor(self._score_port).data,
                 )
@@ -249,8 +181,10 @@ class OnnxRuntimeRunner(GraphRunner):
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self._encoder = ort.InferenceSession(_existing(encoder_onnx), opts, providers=providers)
-        self._detector = ort.InferenceSession(_existing(detector_onnx), opts, providers=providers)
+        self._encoder = ort.InferenceSession(existing_file(encoder_onnx), opts, providers=providers)
+        self._detector = ort.InferenceSession(
+            existing_file(detector_onnx), opts, providers=providers
+        )
         ins = {i.name: i.shape for i in self._detector.get_inputs()}
         self.input_size = (int(ins[IMAGE][1]), int(ins[IMAGE][2]))
         self.batch_images = not isinstance(ins[IMAGE][0], int)
@@ -262,9 +196,9 @@ class OnnxRuntimeRunner(GraphRunner):
         return np.asarray(tokens, dtype=np.float32)
 
     def detect(self, rgb: np.ndarray, tokens: np.ndarray) -> DetectResult:
-        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: _tokens(tokens)}
+        inputs = {IMAGE: check_image(rgb, self.input_size), TOKENS: as_tokens(tokens)}
         amap, score = self._detector.run([ANOMALY_MAP, IMAGE_SCORE], inputs)
-        return _unpack(amap, score)
+        return unpack(amap, score)
 
     def _run_batch(self, imgs: np.ndarray, toks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         amap, score = self._detector.run([ANOMALY_MAP, IMAGE_SCORE], {IMAGE: imgs, TOKENS: toks})
@@ -404,25 +338,5 @@ def _graph_file(card: ModelCard, graph: str, fmt: str, root: Path) -> str:
     return files[fmt]
 
 
-def _existing(path: str | Path) -> str:
-    if not Path(path).is_file():
-        raise LineGuardError(f"model file {path} does not exist")
-    return str(path)
-
-
 def _read(core: Any, xml: str | Path) -> Any:
-    return core.read_model(_existing(xml))
-
-
-def _tokens(tokens: np.ndarray) -> np.ndarray:
-    t = np.asarray(tokens, dtype=np.float32)
-    if t.ndim == 2:
-        t = t[None]
-    if t.ndim != 3 or t.shape[0] != 1:
-        raise LineGuardError(f"prompt tokens must be 1×N×D (from encode_prompt), got {t.shape}")
-    return np.ascontiguousarray(t)
-
-
-def _unpack(amap: Any, score: Any) -> DetectResult:
-    m = np.array(amap, dtype=np.float32).reshape(amap.shape[-2:])
-    return m, float(np.asarray(score).reshape(-1)[0])
+    return core.read_model(existing_file(xml))

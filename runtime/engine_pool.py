@@ -33,17 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from lineguard.runtime.engine import (
+from lineguard.runtime.engine import Engine, load_engine
+from lineguard.runtime.graph_runner import (
     ANOMALY_MAP,
     IMAGE,
     IMAGE_SCORE,
     TOKENS,
     DetectResult,
-    Engine,
-    _tokens,
+    as_tokens,
     check_batch,
     check_image,
-    load_engine,
 )
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ class StationEngine:
         if self._request is None:  # ONNX Runtime: the shared session is thread-safe
             return self.shared.detect(rgb, tokens)
         if tokens is not self._bound or self._bound_n:  # once per station (and prompt change)
-            self._bind(tokens, _tokens(tokens), 0)
+            self._bind(tokens, as_tokens(tokens), 0)
         self._set_image(check_image(rgb, self.input_size))
         self._request.infer()
         amap = self._request.get_tensor(self._map_port).data

@@ -50,8 +50,9 @@ def lr_factor(fraction: float, warmup_fraction: float, min_lr_fraction: float) -
 class BudgetClock:
     """Time left, the lr factor and when to evaluate, for one budgeted run.
 
-    ``evals`` proxy evaluations are spread evenly over the training horizon (plus one at the
-    end); the first one after 25 % of it, since an earlier model is never the one worth keeping.
+    ``evals`` proxy evaluations are spread evenly over the training span, from the first step to
+    the horizon (plus one at the end); the first one after 25 % of it, since an earlier model is
+    never the one worth keeping.
     """
 
     budget_s: float
@@ -62,6 +63,7 @@ class BudgetClock:
     start: float = field(default_factory=time.perf_counter)
     max_step_s: float = 0.0
     max_eval_s: float = 0.0
+    train_from: float = 0.0  # elapsed seconds at the first step (data loading comes before)
     _next_eval: int = 0
 
     def elapsed(self) -> float:
@@ -75,9 +77,15 @@ class BudgetClock:
         """Seconds of training: the budget less the reserve (never below a tenth of it)."""
         return max(self.budget_s - self.reserve(), 0.1 * self.budget_s)
 
+    def begin_training(self) -> None:
+        """Mark the first step: the schedule spans the steps, not the data loading before."""
+        self.train_from = self.elapsed()
+
     def fraction(self) -> float:
-        """Share of the training horizon spent (the lr schedule and evaluations follow it)."""
-        return self.elapsed() / self.horizon()
+        """Share of the training span (first step to horizon) spent: the lr schedule and the
+        evaluations follow it."""
+        span = self.horizon() - self.train_from
+        return (self.elapsed() - self.train_from) / span if span > 0 else math.inf
 
     def left(self) -> float:
         return self.budget_s - self.elapsed()

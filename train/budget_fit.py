@@ -133,6 +133,7 @@ def fit_budget(tr: Trainer) -> Path:
     clock = run.clock
     out_dir = Path(cfg.out_dir)
     loader, feats, images, step = tr._prepare()
+    clock.begin_training()  # loading and caching took their share of the budget already
     bar = tqdm(
         total=round(clock.budget_s),
         desc="train",

@@ -194,7 +194,7 @@ class CountingRunner:
 
     @staticmethod
     def make(batch_images: bool, batch_tokens: bool):
-        from lineguard.runtime.engine import GraphRunner
+        from lineguard.runtime.graph_runner import GraphRunner
 
         class R(GraphRunner):
             input_size = (4, 4)

@@ -95,6 +95,19 @@ def test_lr_reaches_its_floor_when_training_stops_however_large_the_closing_work
     assert clock.horizon() == pytest.approx(10.0) and clock.must_stop()
 
 
+def test_schedule_spans_the_steps_not_the_data_loading() -> None:
+    """30 s of loading in a 100 s budget: warm-up and evaluations start with the first step."""
+    clock = BudgetClock(100.0, evals=4, start=0.0)
+    clock.elapsed = lambda: 30.0  # type: ignore[method-assign]
+    clock.begin_training()
+    assert clock.fraction() == 0.0 and clock.factor() < 0.05  # warming up, not mid-schedule
+    assert not clock.eval_due()
+    clock.elapsed = lambda: 30.0 + 0.25 * 70.0  # type: ignore[method-assign]
+    assert clock.eval_due()  # a quarter of the 70 s span
+    clock.elapsed = lambda: 100.0  # type: ignore[method-assign]
+    assert clock.factor() == pytest.approx(clock.min_lr_fraction)
+
+
 @pytest.mark.parametrize(
     ("n", "expected"), [(30, 8), (28, 8), (100, 10), (200, 20), (10, 5), (3, 1), (2, 1), (1, 0)]
 )
