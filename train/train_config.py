@@ -87,17 +87,21 @@ class TrainConfig(BaseModel):
     budget: float | None = Field(
         None,
         title="wall-clock training budget in seconds (or '30m', '1.5h'); replaces `epochs`",
-        description="The lr schedule (warm-up, cosine decay) spans the budget; the checkpoint "
-        "with the best validation proxy is kept as final.pt.",
+        description="The lr schedule (warm-up, cosine decay) spans the steps, from the first one "
+        "to the budget less a reserve for the closing choices; the checkpoint with the best "
+        "validation proxy is kept as final.pt.",
     )
     warmup_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0, title="budget mode: share of the budget spent warming the lr up"
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        title="budget mode: share of the training span spent warming the lr up",
     )
     min_lr_fraction: float = Field(
         0.02, ge=0.0, le=1.0, title="budget mode: cosine decays the lr to this share of `lr`"
     )
     proxy_evals: int = Field(
-        8, ge=1, title="budget mode: validation-proxy evaluations spread over the budget"
+        8, ge=1, title="budget mode: validation-proxy evaluations spread over the training span"
     )
     epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000; ignored with budget)")
     batch_size: int = Field(8, ge=1, title="normal images per process and step (spec: 8)")
