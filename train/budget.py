@@ -5,7 +5,8 @@ same recipe must finish on a 2-core CPU and on a GPU. The learning rate follows 
 the budget spent, not the step count: linear warm-up over the first ``warmup_fraction``, then a
 cosine decay to ``min_lr_fraction`` of the peak exactly when training ends. Training ends before
 the budget does, by a reserve for the closing evaluations (the final proxy and the choices made
-on validation after the last step): the schedule and the evaluation points are fractions of that
+on validation after the last step): the schedule and the evaluation points are fractions of the
+training span, from the first step (reading and caching the images come before it) to that
 horizon (budget minus reserve), so the lr reaches its floor at the last step even when the
 closing work is a large share of a short budget. The reserve uses the slowest step and the
 slowest evaluation seen so far as estimates.
@@ -105,7 +106,7 @@ class BudgetClock:
         return [first + (1.0 - first) * i / n for i in range(n)]
 
     def eval_due(self) -> bool:
-        """True once per scheduled point (fractions of the horizon), never in the last step."""
+        """True once per scheduled point (fractions of the span), never in the last step."""
         times = self._eval_times()
         if self._next_eval < len(times) and self.fraction() >= times[self._next_eval]:
             while self._next_eval < len(times) and self.fraction() >= times[self._next_eval]:
