@@ -121,8 +121,19 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
         1 if mode == "resized" else make_grid(w, h, a.size, a.scale, a.overlap).n for h, w in sizes
     ]
     reported = json.loads((work / f"{mode}_eval" / "metrics.json").read_text())
+    from lineguard.train.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(ckpt)
+    m = ck["metrics"]
     return {
         "command": log,
+        # the training's own clock (final.pt): wall_time_s <= budget_s is the budget kept
+        # (budget_s and steps are null for a run by epochs)
+        "training": {
+            "budget_s": m.get("budget_s"),
+            "wall_time_s": m.get("wall_time_s", ck.get("wall_time_s")),
+            "steps": m.get("steps"),
+        },
         "tiles": float(np.mean(tiles)),
         # tiled: the plain max over tiles, or per-position rulers from held-out validation tiles
         "image_score": reported.get("image_score") or "one image, one score",

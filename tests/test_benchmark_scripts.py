@@ -171,6 +171,8 @@ def test_tiling_bsdata_tiny(tmp_path: Path) -> None:
     for row in res["modes"].values():
         assert set(row["mean"]) == {"image_auroc", "pixel_ap", "aupro"}
         assert all(c.startswith("lineguard ") for c in row["command"])
+        assert set(row["training"]) == {"budget_s", "wall_time_s", "steps"}
+        assert row["training"]["wall_time_s"] > 0 and row["training"]["budget_s"] is None  # epochs
     assert any(c.startswith("lineguard data tile") for c in res["modes"]["tiled"]["command"])
     assert any("--tile-scale" in c for c in res["modes"]["tiled"]["command"])
     assert res["peers"]["patchcore"]["pixel_ap"] == 0.523 and len(res["targets"]) == 5
