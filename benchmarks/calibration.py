@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -215,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         return float(np.mean(vals)) if vals else None
 
     result = {
+        "command": "python benchmarks/calibration.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "target_far": args.target_far,
         "per_station": per_station,
         "mean": {"test_fpr": mean("test_fpr"), "test_recall": mean("test_recall")},

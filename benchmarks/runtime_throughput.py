@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         broker_proc.wait(10)
     load = os.getloadavg()
     result = {
+        "command": "python benchmarks/runtime_throughput.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "cpu": cpu_name(),
         "rows": rows,
         "artifact": f"{card['name']} ({card['input_size'][0]} px, INT8 OpenVINO; random head)",

@@ -76,6 +76,7 @@ def original_metrics(data: Path, maps_dir: Path) -> dict[str, dict[str, float]]:
 def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
     """Train and evaluate one mode; returns its row."""
     from lineguard.runtime.tiling import make_grid
+    from lineguard.train.checkpoint import read_checkpoint
     from lineguard.train.metrics import mean_metrics
     from lineguard.train.tiles import load_original
 
@@ -121,8 +122,6 @@ def run_mode(mode: str, a: argparse.Namespace, work: Path) -> dict:
         1 if mode == "resized" else make_grid(w, h, a.size, a.scale, a.overlap).n for h, w in sizes
     ]
     reported = json.loads((work / f"{mode}_eval" / "metrics.json").read_text())
-    from lineguard.train.checkpoint import read_checkpoint
-
     ck = read_checkpoint(ckpt)
     m = ck["metrics"]
     return {

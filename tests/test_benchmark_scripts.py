@@ -61,6 +61,7 @@ def test_runtime_throughput_tiny(tmp_path: Path) -> None:
 
     result = json.loads((out / "runtime_throughput.json").read_text())
     assert isinstance(result["cpu"], str) and result["cpu"]
+    assert result["command"].startswith("python benchmarks/runtime_throughput.py --tiny")
     rows = result["rows"]
     assert [(r["stations"], r["event_rate"]) for r in rows] == [(1, 0.05), (1, 1.0)]
     table = (out / "runtime_throughput.md").read_text()

@@ -401,6 +401,7 @@ def test_calibration_benchmark_on_a_tiny_dataset(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["target_far"] == 0.01 and set(result["per_station"]) == {"widget", "gadget"}
+    assert result["command"].startswith("python benchmarks/calibration.py --artifact ")
     for r in result["per_station"].values():
         assert {"image_threshold", "test_fpr", "test_recall"} <= set(r)
         assert r["calibration_frames"] == 60 and r["test_good"] == 30 and r["test_defective"] == 12
