@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,20 @@ def closing_evaluations() -> int:
     passes = sum(z * z for z in MATCH_ZOOMS)
     tries = len(MATCH_WEIGHTS) + (len(MATCH_ZOOMS) - 1) * (len(MATCH_WEIGHTS) - 1)
     return 1 + len(BLUR_SIGMAS) + max(passes, tries)
+
+
+@contextmanager
+def _all_cores(tr: Trainer) -> Iterator[None]:
+    """Rank 0 evaluates alone while the other CPU ranks wait at a barrier: lend it their cores."""
+    if tr.dist.world <= 1 or tr.device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, os.cpu_count() or 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _agree(tr: Trainer, *flags: bool) -> list[bool]:
@@ -118,6 +134,7 @@ class _Run:
                 ),
             },
             "device": str(tr.device),
+            "processes": tr.dist.world,
             "seconds_per_epoch": tr.wall_time / max(len(tr.history), 1),
             "run_wall_s": time.perf_counter() - tr.t_start,
             "history": tr.history,
@@ -173,7 +190,8 @@ def fit_budget(tr: Trainer) -> Path:
             if due:
                 run.loss = sums[0].item() / n
                 if tr.dist.main:
-                    run.evaluate()
+                    with _all_cores(tr):
+                        run.evaluate()
                 if tr.dist.world > 1:
                     dist.barrier()
                 tr.model.train()
@@ -195,12 +213,13 @@ def fit_budget(tr: Trainer) -> Path:
             stop = True  # an empty loader never advances the clock enough: do not spin
         run.epoch += 1
     if tr.dist.main:
-        run.evaluate()  # the end of the budget is always a candidate
-        assert run.best_state is not None
-        tr.model.load_state_dict(run.best_state)
-        tr.calibration = run.best_calibration
-        blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
-        match = tr.choose_match()  # on held-out judge defects; inside the budget too
+        with _all_cores(tr):
+            run.evaluate()  # the end of the budget is always a candidate
+            assert run.best_state is not None
+            tr.model.load_state_dict(run.best_state)
+            tr.calibration = run.best_calibration
+            blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
+            match = tr.choose_match()  # on held-out judge defects; inside the budget too
         tr.wall_time = clock.elapsed()
         tr.metrics = run.metrics()
         tr.metrics["wall_time_s"] = round(tr.wall_time, 2)

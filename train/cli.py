@@ -81,7 +81,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="torch CPU threads (on a busy CPU 1 is fastest, or export OMP_WAIT_POLICY=PASSIVE)",
+        help="torch CPU threads per process (on a busy CPU 1 is fastest, or export "
+        "OMP_WAIT_POLICY=PASSIVE)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="CPU: data-parallel training processes (batch size is per process; the CPU "
+        "default recipe uses 2 on 2 or more cores)",
     )
     p.add_argument(
         "--stop-after",
@@ -130,6 +138,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "num_workers": args.workers,
         "threads": args.threads,
+        "processes": args.processes,
         "budget": args.budget,
         "lr": args.lr,
     }
@@ -212,12 +221,29 @@ def run_train(args: argparse.Namespace) -> int:
         raise LineGuardError(f"training config {args.config} not found")
     else:
         cfg = load_train_config(args.config, overrides_from_args(args))
+    from lineguard.train.cpu_parallel import launch, wants_processes
+
+    if wants_processes(cfg):
+        print(
+            f"training in {cfg.processes} processes of {cfg.threads or 1} thread(s), "
+            f"batch {cfg.batch_size} each",
+            flush=True,
+        )
+        launch(cfg, train_and_report, not args.no_progress, args.stop_after)
+    else:
+        train_and_report(cfg, not args.no_progress, args.stop_after)
+    return 0
+
+
+def train_and_report(cfg, progress: bool, stop_after: int | None = None) -> None:
+    """Train ``cfg`` in this process (one rank of several, or alone); rank 0 prints a summary."""
+    from lineguard.runtime.errors import LineGuardError
     from lineguard.train.backbone import BackboneError
     from lineguard.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, progress=not args.no_progress)
-        final = trainer.fit(stop_epoch=args.stop_after)
+        trainer = Trainer(cfg, progress=progress)
+        final = trainer.fit(stop_epoch=stop_after)
     except BackboneError as exc:
         raise LineGuardError(str(exc)) from exc
     if trainer.dist.main:
@@ -232,8 +258,8 @@ def run_train(args: argparse.Namespace) -> int:
             "val_images": len(trainer.data.val),
             "wall_time_s": round(trainer.wall_time, 1),
             "budget_s": cfg.budget,
+            "processes": trainer.dist.world,
             "fusion_scale": trainer.calibration.get("fusion_scale"),
             **{k: v for k, v in trainer.metrics.items() if k.startswith("val_")},
         }
-        print(json.dumps(summary, indent=2))
-    return 0
+        print(json.dumps(summary, indent=2), flush=True)

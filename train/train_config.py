@@ -127,7 +127,15 @@ class TrainConfig(BaseModel):
         True, title="bf16 autocast on CUDA, and on CPUs with native bf16 (AVX512-BF16 / AMX)"
     )
     num_workers: int = Field(4, ge=0, title="DataLoader worker processes (defect synthesis)")
-    threads: int | None = Field(None, ge=1, title="torch CPU threads (None = torch default)")
+    threads: int | None = Field(
+        None, ge=1, title="torch CPU threads per process (None = torch default)"
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        title="CPU only: data-parallel training processes on this machine (gloo); batch_size "
+        "is per process, so the step's batch is processes x batch_size",
+    )
     cache_features: bool = Field(
         True,
         title="compute frozen-backbone features of normal images once (exact: no augmentation)",

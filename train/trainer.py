@@ -14,6 +14,7 @@ synthetic-defect validation images — no test image is touched.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -71,7 +72,11 @@ def init_distributed(device_kind: str) -> Dist:
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+        # rank 0 alone runs the proxy evaluations and the closing choices while the others
+        # wait at a barrier: allow that a long wait (tiled validation sets), not the default 30 min
+        dist.init_process_group(
+            "nccl" if device_kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2)
+        )
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
