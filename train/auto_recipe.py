@@ -5,9 +5,9 @@ recipe measured best on VALIDATION data (the proxy of :mod:`lineguard.train.prox
 30-minute budget on a 2-core CPU, and the spec's architecture on a GPU. The rule (also in
 docs/training.md):
 
-* CPU: EfficientNet-Lite0 at 128 px, transformer D 128 with 2+2 layers and no dropout, batch 8,
-  bf16 autocast where the CPU has native bf16, max(1, cores // 4) synthesis workers and the
-  other cores as torch threads (on 2 cores: 1 + 1; one thread beat two). Within a fixed
+* CPU: EfficientNet-Lite0 at 128 px, transformer D 128 with 2+2 layers and no dropout, batch 8
+  per step, bf16 autocast where the CPU has native bf16; on 2 or more cores the step's batch is
+  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Within a fixed
   budget, optimizer steps matter more than width or pixels: on mtd (median short side 264 px)
   160 px cost 1.4x per step and lost on the validation proxy to 128 px (but ran on a busier
   machine), batch 16 did not beat batch 8, no dropout beat 0.1, and peak lr 4e-4 beat 1e-4 and
@@ -67,9 +67,11 @@ def cpu_hardware(cores: int) -> dict[str, Any]:
     The step's batch stays 8 (the recipe chosen on validation). On 2 or more cores it is split
     over 2 data-parallel processes of batch 4: the CPU recipe's small matrices gain nothing from
     a second thread in one process (0.299 vs 0.312 s per step) but two one-thread processes run
-    side by side at full speed, about 1.7x the steps per budget (2-core AVX2, measured with
-    ``benchmarks/train_cpu_speed.py``). Synthesis runs in each process (4 images take ~18 ms)
-    until there are cores to spare for workers.
+    side by side at full speed (batch 4: 0.154 s per step): in a 4-minute mtd budget 751 steps
+    against 489 for one process, and a better validation proxy (0.642 vs 0.629; 2-core AVX2,
+    fp32). Synthesis runs in each process (4 images take ~18 ms) until there are cores to spare
+    for workers. Measured on 2 cores only; the rule for more cores is a guess that keeps the
+    cores busy without oversubscribing them.
     """
     if cores < 2:
         return {"device": "cpu", "batch_size": 8, "num_workers": 0, "threads": 1, "processes": 1}
