@@ -282,3 +282,31 @@ def test_edge_latency_tiled_verdict_is_json_either_way(batched_ms: float) -> Non
     assert type(wins) is bool and wins == (batched_ms < 10.0)
     assert json.loads(json.dumps({"ratios": r, "wins": wins}))["wins"] == wins
     assert ("does NOT beat" in text) != wins
+
+
+@pytest.mark.timeout(300)
+def test_train_processes_runs_both_variants_on_generated_images(tmp_path: Path) -> None:
+    """One process vs two under the same tiny budget: both train with the default recipe, the
+    two-process run says so, and the ratio is computed from the rows (never asserted faster)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        d = tmp_path / "data" / name / "train" / "good"
+        d.mkdir(parents=True)
+        for i in range(10):
+            img = np.full((64, 64, 3), 90 + 60 * (name == "b"), np.uint8)
+            img += rng.integers(0, 20, img.shape, dtype=np.uint8)
+            cv2.imwrite(str(d / f"{i}.png"), img)
+    out = tmp_path / "procs.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_processes.py")]
+    cmd += ["--data", str(tmp_path / "data")]
+    cmd += ["--budget", "30s", "--work", str(tmp_path / "work"), "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=tmp_path, timeout=280)
+    res = json.loads(out.read_text())
+    one, two = res["runs"].values()
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert all(r["steps"] > 0 and r["wall_time_s"] <= 30 for r in (one, two))
+    assert res["steps_ratio_two_over_one"] == round(two["steps"] / one["steps"], 3)
+    assert "--processes 2" in two["command"] and res["command"].startswith("python benchmarks/")
