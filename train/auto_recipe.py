@@ -67,11 +67,12 @@ def cpu_hardware(cores: int) -> dict[str, Any]:
     The step's batch stays 8 (the recipe chosen on validation). On 2 or more cores it is split
     over 2 data-parallel processes of batch 4: the CPU recipe's small matrices gain nothing from
     a second thread in one process (0.299 vs 0.312 s per step) but two one-thread processes run
-    side by side at full speed (batch 4: 0.154 s per step): in a 4-minute mtd budget 751 steps
-    against 489 for one process, and a better validation proxy (0.642 vs 0.629; 2-core AVX2,
-    fp32). Synthesis runs in each process (4 images take ~18 ms) until there are cores to spare
-    for workers. Measured on 2 cores only; the rule for more cores is a guess that keeps the
-    cores busy without oversubscribing them.
+    side by side at full speed (batch 4: 0.154 s per step): in a 4-minute mtd budget 692 steps
+    against 518 for one process and a better validation proxy, 0.645 vs 0.609
+    (``benchmarks/results/train_processes_mtd.json``; 2-core AVX2, fp32); 7 564 vs 5 178 steps
+    in 30 minutes. Synthesis runs in each process (4 images take ~18 ms) until there are cores
+    to spare for workers. Measured on 2 cores only; the rule for more cores is a guess that
+    keeps the cores busy without oversubscribing them.
     """
     if cores < 2:
         return {"device": "cpu", "batch_size": 8, "num_workers": 0, "threads": 1, "processes": 1}

@@ -4,7 +4,8 @@ Why: the CPU recipe's matrices are small (64 tokens of width 128, batch 8), so a
 thread in one process gains nothing (0.299 vs 0.312 s per step, lite0 128 px fp32, 2-core AVX2),
 while two processes of one thread each run side by side at full speed (0.27-0.28 s each for
 batch 8; 0.154 s for batch 4). Splitting the batch of 8 over two ranks of 4 therefore buys
-about 1.7x the optimizer steps in the same wall-clock budget, with the same recipe.
+1.3-1.5x the optimizer steps in the same wall-clock budget (synthesis and the evaluations take
+the rest), with the same recipe (``benchmarks/results/train_processes_mtd.json``).
 
 ``lineguard train`` calls :func:`launch` when ``processes > 1`` and it is not already inside
 ``torchrun``; each rank joins the gloo group through the usual environment variables, so the
