@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lineguard.train.train_config import TrainConfig
 
 DESCRIPTION = """\
 Train ONE OneNIP model for every class of the given data from normal images only. Synthetic
@@ -235,7 +238,7 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_and_report(cfg, progress: bool, stop_after: int | None = None) -> None:
+def train_and_report(cfg: TrainConfig, progress: bool, stop_after: int | None = None) -> None:
     """Train ``cfg`` in this process (one rank of several, or alone); rank 0 prints a summary."""
     from lineguard.runtime.errors import LineGuardError
     from lineguard.train.backbone import BackboneError

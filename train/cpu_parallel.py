@@ -23,9 +23,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lineguard.train.train_config import TrainConfig
 
-#: Environment torchrun sets; inside it, the ranks already exist.
-RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
 
 def inside_launcher() -> bool:
     """True in a rank started by torchrun or by :func:`launch` (do not launch again)."""
