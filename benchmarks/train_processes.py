@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from lineguard.train.checkpoint import read_checkpoint
 
 VARIANTS = {
     "one process (batch 8, 1 synthesis worker)": [
@@ -54,8 +54,7 @@ def run_one(data: str, budget: str, out: Path, extra: list[str]) -> dict:
     load_before = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     subprocess.run([*lineguard, *args, *extra], check=True, stdout=subprocess.DEVNULL)
-    ckpt = torch.load(out / "final.pt", map_location="cpu", weights_only=False)
-    m = ckpt["metrics"]
+    m = read_checkpoint(out / "final.pt")["metrics"]
     curve = m["curve"]
     return {
         "command": " ".join(["lineguard", *args, *extra]),

@@ -288,17 +288,15 @@ def test_edge_latency_tiled_verdict_is_json_either_way(batched_ms: float) -> Non
 def test_train_processes_runs_both_variants_on_generated_images(tmp_path: Path) -> None:
     """One process vs two under the same tiny budget: both train with the default recipe, the
     two-process run says so, and the ratio is computed from the rows (never asserted faster)."""
-    import cv2
     import numpy as np
+    from synthetic_parts import normal_image, write_rgb
 
     rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        d = tmp_path / "data" / name / "train" / "good"
-        d.mkdir(parents=True)
+    for ci, name in enumerate(("a", "b")):
         for i in range(10):
-            img = np.full((64, 64, 3), 90 + 60 * (name == "b"), np.uint8)
-            img += rng.integers(0, 20, img.shape, dtype=np.uint8)
-            cv2.imwrite(str(d / f"{i}.png"), img)
+            write_rgb(
+                tmp_path / "data" / name / "train" / "good" / f"{i}.png", normal_image(ci, rng)
+            )
     out = tmp_path / "procs.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_processes.py")]
     cmd += ["--data", str(tmp_path / "data")]
