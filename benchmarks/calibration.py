@@ -4,16 +4,20 @@ One station per class of an MVTec-layout dataset (`<root>/<class>/train/good`, `
 `test/<defect type>`), each with the artifact's golden prompt for that class (`model.json`
 `prompts`; else the first train/good image), no ROI or masks. For each station,
 `lineguard calibrate`'s fitting proposes image and pixel thresholds for `--target-far` (default
-1 %) from the train/good images scored through the station pipeline; then test/good and the
-defective test images are scored through the same pipeline and judged with those thresholds:
+1 %) from normal images scored through the station pipeline; then test/good and the defective
+test images are scored through the same pipeline and judged with those thresholds:
 
 * `test_fpr`    — fraction of test/good images the station would alert on,
 * `test_recall` — fraction of defective test images it would alert on,
 
 both at the decision level (image score ≥ image threshold and a region at the pixel threshold,
 as the runtime decides); the image-score-only figures are reported next to them.
-Train/good images were seen in training, so their scores can be optimistic (lower) compared with
-unseen normal parts: the confidence margin is what protects the false-alarm rate.
+
+Which normal images: with `--held-out CKPT`, the images that checkpoint held out from training
+(never trained on) where a class has at least 20; classes with fewer are calibrated together
+(`runtime/calibration/pooled.py`: rulers from their train/good images, the bound from all their
+held-out images pooled). Without it, all of train/good: seen in training, their scores are
+optimistic (lower) compared with unseen parts.
 
     .venv/bin/python benchmarks/calibration.py --artifact runs/art --data DATA \
         --dataset piped        # -> benchmarks/results/calibration_piped.json
@@ -34,7 +38,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
-MIN_SCORES = 20  # the tail fit's minimum (runtime/calibration/fit.py); fewer held-out: train/good
+MIN_SCORES = 20  # the tail fit's minimum (runtime/calibration/fit.py); fewer held-out: pooled
 
 
 def _station(cls: str, dataset: str, artifact: Path, prompt: Path, engine: str, precision: str):
@@ -89,15 +93,40 @@ def _defect_dirs(root: Path, cls: str) -> list[Path]:
     return sorted(d for d in test.iterdir() if d.is_dir() and d.name != "good")
 
 
-def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) -> dict[str, Any]:
-    from lineguard.runtime.calibration.report import make_report
+def calibration_frames(scorer: Any, root: Path, cls: str, args: argparse.Namespace) -> dict:
+    """Score a station's calibration frames: its own held-out frames when there are enough,
+    else all train/good (for the report and the pixel threshold) with the held-out ones kept
+    apart for the pooled image threshold (`runtime/calibration/pooled.py`)."""
+    from lineguard.runtime.calibration.scoring import folder_frames
+
+    good = root / cls / "train" / "good"
+    held = args.held_out.get(cls)
+    n_held = len(list(held.iterdir())) if held is not None else 0
+    if n_held >= MIN_SCORES:
+        normal = scorer.score_all(folder_frames(held), True, f"{cls} held-out frames")
+        return {"normal": normal, "from": "held out from training (validation split)"}
+    normal = scorer.score_all(folder_frames(good), True, f"{cls} train/good frames")
+    if not n_held:
+        return {"normal": normal, "from": "train/good (seen in training)"}
+    held_names = {p.name for p in held.iterdir()}
+    image = normal.arrays()[0]
+    is_held = np.array([n in held_names for n in normal.names], bool)
+    return {
+        "normal": normal,
+        "from": "pooled: ruler from train/good seen in training, bound from the held-out frames "
+        "of all pooled stations",
+        "seen": image[~is_held],
+        "unseen": image[is_held],
+    }
+
+
+def evaluate_class(
+    scorer: Any, root: Path, cls: str, cal: dict, pooled: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    from lineguard.runtime.calibration.report import make_report, round_up
     from lineguard.runtime.calibration.scoring import ScoreSet, folder_frames
 
-    folder, frames_from = root / cls / "train" / "good", "train/good (seen in training)"
-    held = args.held_out.get(cls)
-    if held is not None and len(list(held.iterdir())) >= MIN_SCORES:
-        folder, frames_from = held, "held out from training (validation split)"
-    normal = scorer.score_all(folder_frames(folder), True, f"{cls} calibration frames")
+    normal = cal["normal"]
     report = make_report(
         station={"id": scorer.cfg.station_id, "line": scorer.cfg.line_id},
         normal=normal,
@@ -110,6 +139,20 @@ def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) 
         seed=args.seed,
     )
     t_img, t_pix = report["proposed"]["image"], report["proposed"]["pixel"]
+    image = {k: report["image"][k] for k in ("estimate", "margin", "method")}
+    warnings = report["warnings"]
+    if "unseen" in cal:
+        t_img = round_up(pooled.thresholds[cls])
+        ruler = pooled.rulers[cls]
+        image = {
+            "estimate": ruler.from_z(pooled.z.estimate),
+            "margin": t_img - ruler.from_z(pooled.z.estimate),
+            "method": f"pooled {pooled.z.method}",
+            "ruler": {"center": ruler.center, "spread": ruler.spread},
+            "unseen_frames": len(cal["unseen"]),
+            "seen_frame_proposal": report["proposed"]["image"],
+        }
+        warnings = [pooled.note, *pooled.z.warnings, *report["pixel"]["warnings"]]
     good = scorer.score_all(folder_frames(root / cls / "test" / "good"), False, f"{cls} test/good")
     bad = ScoreSet()
     for d in _defect_dirs(root, cls):
@@ -125,21 +168,20 @@ def evaluate_class(scorer: Any, root: Path, cls: str, args: argparse.Namespace) 
         scores = s.arrays()[0] if image_only else s.decision_scores(t_pix, rr)
         return float(np.mean(scores >= t_img))
 
+    n_dec = normal.decision_scores(t_pix, rr)
     return {
         "image_threshold": t_img,
         "pixel_threshold": t_pix,
         "test_fpr": rate(good),
         "test_recall": rate(bad),
         "image_only": {"test_fpr": rate(good, True), "test_recall": rate(bad, True)},
-        "estimate": report["image"]["estimate"],
-        "margin": report["image"]["margin"],
-        "method": report["image"]["method"],
+        **image,
         "calibration_frames": len(normal),
-        "calibration_frames_from": frames_from,
+        "calibration_frames_from": cal["from"],
         "test_good": len(good),
         "test_defective": len(bad),
-        "train_alarm_rate": report["normal"]["at_proposed"]["normal_alarm_rate"],
-        "warnings": report["warnings"],
+        "train_alarm_rate": float(np.mean(n_dec >= t_img)) if len(normal) else 0.0,
+        "warnings": warnings,
     }
 
 
@@ -179,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args.held_out = _held_out_folders(args.held_out, args.data) if args.held_out else {}
 
     from lineguard.runtime.artifact import load_card
+    from lineguard.runtime.calibration.pooled import propose_pooled
     from lineguard.runtime.calibration.scoring import StationScorer
     from lineguard.runtime.engine import load_engine
 
@@ -196,13 +239,27 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(args.artifact, backend=args.engine, precision=precision, threads=2)
     started = time.time()
     per_station: dict[str, Any] = {}
+    pooled = None
     try:
+        scorers, cals = {}, {}
         for cls in classes:
             prompt, prompt_from = _prompt(args.artifact, card, root, cls)
             cfg = _station(cls, args.dataset, args.artifact, prompt, args.engine, precision)
-            scorer = StationScorer(cfg, engine=engine)
-            per_station[cls] = {**evaluate_class(scorer, root, cls, args), "prompt": prompt_from}
-            r = per_station[cls]
+            scorers[cls] = (StationScorer(cfg, engine=engine), prompt_from)
+            cals[cls] = calibration_frames(scorers[cls][0], root, cls, args)
+        pool = {c: v for c, v in cals.items() if "unseen" in v}
+        if pool:
+            pooled = propose_pooled(
+                {c: v["seen"] for c, v in pool.items()},
+                {c: v["unseen"] for c, v in pool.items()},
+                args.target_far,
+                args.confidence,
+                seed=args.seed,
+            )
+        for cls in classes:
+            scorer, prompt_from = scorers[cls]
+            r = evaluate_class(scorer, root, cls, cals[cls], pooled, args)
+            per_station[cls] = {**r, "prompt": prompt_from}
             print(
                 f"{cls}: image threshold {r['image_threshold']:.4g} ({r['method']}), "
                 f"test FPR {_pct(r['test_fpr'])} of {r['test_good']}, "
@@ -228,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         "threshold (the runtime's rule)",
         "calibration_frames": (
             f"per station: the normal images held out from training by {held_out_from.name} "
-            f"(its validation split, never trained on) where there are >= {MIN_SCORES}, else "
-            "all train/good (see calibration_frames_from)"
+            f"(its validation split, never trained on) where there are >= {MIN_SCORES}; else "
+            "the held-out frames of all such stations pooled, each read on its station's ruler "
+            "from its train/good frames seen in training (see calibration_frames_from and "
+            "pooled)"
             if held_out_from
             else "all train/good images (seen in training)"
         ),
@@ -239,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.artifact / "model.json").read_bytes()
             ).hexdigest(),
         },
+        "pooled": None if pooled is None else pooled.to_dict(),
         "engine": args.engine,
         "precision": precision,
         "seconds": round(time.time() - started, 1),

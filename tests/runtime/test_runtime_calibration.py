@@ -1,7 +1,7 @@
 """Calibration on real frames: region scores, scoring through the real station pipeline (real
 ONNX artifact), report files, the CLI end to end (without a broker), no torch on the edge, and
-the calibration benchmark on a tiny dataset. The rule itself on generated scores is in
-test_runtime_calibration_rule.py, station-file apply and rollback in
+the calibration benchmark on a tiny dataset; the rule itself on generated scores. The pooled rule
+is in test_runtime_calibration_pooled.py, station-file apply and rollback in
 test_runtime_calibration_apply.py."""
 
 from __future__ import annotations
@@ -371,7 +371,8 @@ def test_calibration_modules_import_no_torch_sklearn_scipy_or_matplotlib():
         "import lineguard.runtime.calibration.cli, lineguard.runtime.calibration.actions, "
         "lineguard.runtime.calibration.fit, lineguard.runtime.calibration.pixel, "
         "lineguard.runtime.calibration.report, lineguard.runtime.calibration.histogram, "
-        "lineguard.runtime.calibration.apply, lineguard.runtime.calibration.scoring\n"
+        "lineguard.runtime.calibration.apply, lineguard.runtime.calibration.scoring, "
+        "lineguard.runtime.calibration.pooled\n"
         "bad = [m for m in ('torch', 'sklearn', 'scipy', 'matplotlib', 'timm') "
         "if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -409,3 +410,37 @@ def test_calibration_benchmark_on_a_tiny_dataset(tmp_path):
         assert r["test_recall"] == 1.0 and r["prompt"] == "artifact"
     assert set(result["mean"]) == {"test_fpr", "test_recall"}
     assert result["mean"]["test_recall"] == 1.0
+
+
+def test_calibration_benchmark_pools_stations_with_few_held_out_frames(tmp_path):
+    """With --held-out naming 12 validation images per class (< 20), each station's image
+    threshold is the pooled bound of the held-out frames (24) read on its own ruler from the
+    frames seen in training, and the result says so."""
+    torch = pytest.importorskip("torch")
+    art = make_artifact(tmp_path / "artifact", classes=("widget", "gadget"))
+    rng = np.random.default_rng(5)
+    root = tmp_path / "data" / "tiny"
+    val = []
+    for cls in ("widget", "gadget"):
+        write_images(root / cls / "train" / "good", [normal_image(rng, cls) for _ in range(36)])
+        write_images(root / cls / "test" / "good", [normal_image(rng, cls) for _ in range(20)])
+        write_images(root / cls / "test" / "spot", [defect_image(rng, cls) for _ in range(6)])
+        val += [f"tiny/{cls}/train/good/{i:04d}.png" for i in range(0, 36, 3)]
+    ckpt = tmp_path / "final.pt"
+    torch.save({"split": {"val": val}}, ckpt)
+    out = tmp_path / "calibration_tiny.json"
+    script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
+    cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
+    cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--held-out", str(ckpt)]
+    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    pooled = result["pooled"]
+    assert pooled["z"]["n"] == 24 and pooled["frames"] == {"widget": 12, "gadget": 12}
+    for cls, r in result["per_station"].items():
+        assert r["method"].startswith("pooled ") and r["unseen_frames"] == 12
+        assert r["calibration_frames_from"].startswith("pooled")
+        ruler = pooled["rulers"][cls]
+        bound = ruler["center"] + pooled["z"]["threshold"] * ruler["spread"]
+        assert bound <= r["image_threshold"] <= bound + 1e-4  # rounded up, never below
+        assert r["test_recall"] == 1.0 and r["test_fpr"] <= 0.05  # at most one of 20
