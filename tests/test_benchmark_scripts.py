@@ -308,3 +308,25 @@ def test_train_processes_runs_both_variants_on_generated_images(tmp_path: Path) 
     assert all(r["steps"] > 0 and r["wall_time_s"] <= 30 for r in (one, two))
     assert res["steps_ratio_two_over_one"] == round(two["steps"] / one["steps"], 3)
     assert "--processes 2" in two["command"] and res["command"].startswith("python benchmarks/")
+
+
+@pytest.mark.timeout(300)
+def test_train_step_variants_times_the_default_step_on_generated_images(tmp_path: Path) -> None:
+    """The eager step of the default CPU recipe is timed per round on generated images (the
+    compiled variant is left to the real benchmark: its C++ compile takes minutes here)."""
+    import numpy as np
+    from synthetic_parts import normal_image, write_rgb
+
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        write_rgb(tmp_path / "data" / "a" / "train" / "good" / f"{i}.png", normal_image(0, rng))
+    out = tmp_path / "steps.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step_variants.py")]
+    cmd += ["--data", str(tmp_path / "data"), "--steps", "3", "--variants", "eager"]
+    subprocess.run([*cmd, "--out", str(out)], check=True, cwd=tmp_path, timeout=280)
+    res = json.loads(out.read_text())
+    row = res["variants"]["eager"]
+    assert len(row["seconds_per_step"]) == 2 and all(s > 0 for s in row["seconds_per_step"])
+    assert row["mean_s"] == round(sum(row["seconds_per_step"]) / 2, 4)
+    assert res["recipe"]["batch_size"] == 4 and res["recipe"]["backbone"].startswith("tf_")
+    assert "compile_over_eager" not in res and res["command"].startswith("python benchmarks/")
