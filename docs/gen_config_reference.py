@@ -59,7 +59,8 @@ Conventions:
 
 
 def _roots() -> list[tuple[str, type[BaseModel], str]]:
-    from lineguard.runtime.config import SiteConfig, StationConfig
+    from lineguard.runtime.config import StationConfig
+    from lineguard.runtime.site_config import SiteConfig
     from lineguard.train.train_config import TrainConfig
 
     return [

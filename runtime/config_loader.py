@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lineguard.runtime.config import SiteConfig, StationConfig
+from lineguard.runtime.config import StationConfig
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.site_config import SiteConfig
 
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)

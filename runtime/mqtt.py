@@ -36,7 +36,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from lineguard.runtime.config import BrokerConfig
+from lineguard.runtime.site_config import BrokerConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from lineguard.runtime.threshold_limits import ThresholdError, check_thresholds
 
 if TYPE_CHECKING:
     from lineguard.runtime.audit import AuditLog
-    from lineguard.runtime.config import SiteConfig
+    from lineguard.runtime.site_config import SiteConfig
 
 log = logging.getLogger(__name__)
 

@@ -215,7 +215,8 @@ def test_configuration_reference_is_up_to_date():
     assert committed == text, (
         "docs/configuration.md is stale: run python docs/gen_config_reference.py"
     )
-    from lineguard.runtime.config import SiteConfig, StationConfig
+    from lineguard.runtime.config import StationConfig
+    from lineguard.runtime.site_config import SiteConfig
 
     for model in (SiteConfig, StationConfig):  # every key of the models is documented
         for key in model.model_fields:

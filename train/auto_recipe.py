@@ -9,10 +9,12 @@ docs/training.md):
   per step, bf16 autocast where the CPU has native bf16; on 2 or more cores the step's batch is
   split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Within a fixed
   budget, optimizer steps matter more than width or pixels: on mtd (median short side 264 px)
-  160 px cost 1.4x per step and lost on the validation proxy to 128 px (but ran on a busier
-  machine), batch 16 did not beat batch 8, no dropout beat 0.1, and peak lr 4e-4 beat 1e-4 and
-  1.5e-3 (``benchmarks/results/recipe_search_mtd*``). Large frames with small defects are a case
-  for tiling (the station's ``tiling`` setting), not for a larger square input.
+  160 px cost 1.4x per step and lost on the validation proxy to 128 px in 5 minutes and again,
+  narrowly (0.743 vs 0.746), in a full 30-minute two-process run
+  (``benchmarks/results/input160_mtd``), batch 16 did not beat batch 8, no dropout beat 0.1,
+  and peak lr 4e-4 beat 1e-4 and 1.5e-3 (``benchmarks/results/recipe_search_mtd*``). Large
+  frames with small defects are a case for tiling (the station's ``tiling`` setting), not for a
+  larger square input.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
   256 px when the median short side is 256 px or more.
 * Either device: a 30-minute budget, peak lr ``PEAK_LR`` with 5 % warm-up and cosine decay,

@@ -37,9 +37,10 @@ import yaml
 
 from lineguard.runtime import events as ev
 from lineguard.runtime.audit import AuditLog
-from lineguard.runtime.config import SiteConfig, StationConfig
+from lineguard.runtime.config import StationConfig
 from lineguard.runtime.config_loader import ConfigError, load_station
 from lineguard.runtime.errors import LineGuardError
+from lineguard.runtime.site_config import SiteConfig
 from lineguard.runtime.threshold_limits import ThresholdError, check_thresholds, check_value
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from pathlib import Path
 from polling import wait_until
 from runtime_fakes import Collector, ScriptedStation, write_site
 
-from lineguard.runtime.config import BrokerConfig
 from lineguard.runtime.config_loader import load_site
 from lineguard.runtime.event_writer import EventJob, EventWriter
 from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.service import Service
+from lineguard.runtime.site_config import BrokerConfig
 
 FAST = {"reconnect_min_s": 1, "reconnect_max_s": 2}
 

@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from lineguard.runtime.config import BrokerConfig, SiteConfig, StationConfig
+from lineguard.runtime.config import StationConfig
 from lineguard.runtime.config_loader import ConfigError, load_site, load_station
+from lineguard.runtime.site_config import BrokerConfig, SiteConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,10 +14,10 @@ from polling import wait_until
 from runtime_fakes import Collector, ScriptedStation, write_site
 
 from lineguard.runtime import events as ev
-from lineguard.runtime.config import BrokerConfig, TLSConfig
 from lineguard.runtime.config_loader import load_site
 from lineguard.runtime.mqtt import MqttLink
 from lineguard.runtime.service import Service
+from lineguard.runtime.site_config import BrokerConfig, TLSConfig
 
 FAST = {"reconnect_min_s": 1, "reconnect_max_s": 2}
 
