@@ -141,6 +141,7 @@ def build_card(
         checkpoint_sha256=checkpoint_sha256,
         checkpoint=str(ckpt.path.resolve()),
         data_fingerprint=str(ckpt.data_fingerprint or ""),
+        trained_file_keys=list(ckpt.trained_file_keys),
         prompts=prompts,
         versions=versions,
         sha256=hashes,

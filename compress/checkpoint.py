@@ -35,6 +35,7 @@ class Checkpoint:
     calibration: dict[str, Any]
     train_config: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: Any = None
+    trained_file_keys: list[str] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     epoch: int | None = None
 
@@ -84,6 +85,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         calibration=calib,
         train_config=dict(raw.get("train_config") or {}),
         data_fingerprint=raw.get("data_fingerprint"),
+        trained_file_keys=[str(k) for k in raw.get("trained_file_keys") or []],
         metrics=dict(raw.get("metrics") or {}),
         epoch=raw.get("epoch"),
     )

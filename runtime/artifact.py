@@ -117,6 +117,12 @@ class ModelCard(_Strict):
     data_fingerprint: str = Field(
         "", title="Fingerprint of the training data (from the checkpoint)"
     )
+    trained_file_keys: list[str] = Field(
+        default_factory=list,
+        title="First 16 hex digits of the sha256 of each image file the model trained on",
+        description="Lets `lineguard calibrate --folder` say when it is given training images, "
+        "whose scores run low (validation images are not listed: never trained on)",
+    )
     prompts: dict[str, str] = Field(
         default_factory=dict, title="class -> golden prompt image file in the artifact"
     )

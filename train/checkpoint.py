@@ -10,6 +10,10 @@ Writes are atomic (temp file + ``os.replace``) so a crash never leaves a half-wr
 and validation samples: sha256 over sorted (relative path, class, label, sha256 of the file).
 Content hashes rather than file sizes, so the same data read from folders or from a pack gives
 the same fingerprint, and a re-encoded image does not pass as the same data.
+
+``trained_file_keys`` (optional): short keys of the files of the images the model TRAINED on
+(not the validation split), so calibration can say when it is fed training images
+(`lineguard.runtime.calibration.seen`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lineguard.runtime.calibration.seen import keys_of
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.torch_model import OneNIP, OneNIPConfig
 
@@ -73,6 +78,7 @@ def checkpoint_payload(
         "prompts": prompts,
         "calibration": calibration,
         "data_fingerprint": data.fingerprint,
+        "trained_file_keys": keys_of(getattr(data, "train_sha256", [])),
         "metrics": metrics or {},
         "epoch": epoch,
     }

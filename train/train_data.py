@@ -9,7 +9,7 @@ draw it, so any worker count and a resumed run reproduce the same synthetic defe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ class TrainingData:
     val_labels: np.ndarray
     prompt_index: list[int]  # per class: row of train_images used as the default prompt
     fingerprint: str
+    train_sha256: list[str] = field(default_factory=list)  # of each training image's file
 
     def members(self) -> list[np.ndarray]:
         """Training rows of each class (the random-prompt pool during training)."""
@@ -106,6 +107,7 @@ def load_training_data(
         val_labels=np.array([cls_id[s.category] for s in val], np.int64),
         prompt_index=[int(i) for i in prompt_index],
         fingerprint=pack.fingerprint,
+        train_sha256=[pack.hashes[i] for i in train_rows],
     )
 
 

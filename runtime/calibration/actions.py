@@ -155,12 +155,26 @@ def _score(ctx: _Context, args: argparse.Namespace) -> tuple[dict[str, Any], Pat
             raise LineGuardError(f"cannot propose thresholds: {exc}") from None
         if rulers is not None:
             report["position_norm"] = rulers
+        if args.folder is not None:  # camera frames are new captures: never training images
+            report["trained_on"] = _trained_on(args.folder, scorer.engine.card, report)
     finally:
         scorer.close()
     out = args.out or Path("calibration") / f"{cfg.station_id}-{time.strftime('%Y%m%d-%H%M%S')}"
     path, png = write_report(report, Path(out).absolute())
     _print([*summary_lines(report), f"report: {path}  histogram: {png}"])
     return report, path
+
+
+def _trained_on(folder: Path, card: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """Count the folder's images the model trained on; warn in the report (see `seen.py`)."""
+    from lineguard.runtime.calibration.seen import trained_on, warning
+
+    names = set(report["scores"]["normal"]["names"])
+    found = trained_on(sorted(Path(folder) / n for n in names), card.trained_file_keys)
+    text = warning(found)
+    if text:
+        report["warnings"].append(text)
+    return found
 
 
 def _load_report(ctx: _Context, path: Path) -> dict[str, Any]:

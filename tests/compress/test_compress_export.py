@@ -73,6 +73,8 @@ def test_model_json_validates_and_describes_the_artifact(artifact, checkpoint):
     assert card.input_size == [ckpt.input_size] * 2 and card.color_order == "RGB"
     assert card.resize == "cv2-area" and card.layout == "NHWC"
     assert card.classes == ckpt.classes
+    # the training images' file keys travel into model.json (calibration warns about them)
+    assert card.trained_file_keys == ckpt.trained_file_keys and len(card.trained_file_keys) > 0
     assert card.score_normalization.image.center == pytest.approx(
         ckpt.calibration["image"]["center"]
     )

@@ -444,3 +444,32 @@ def test_calibration_benchmark_pools_stations_with_few_held_out_frames(tmp_path)
         bound = ruler["center"] + pooled["z"]["threshold"] * ruler["spread"]
         assert bound <= r["image_threshold"] <= bound + 1e-4  # rounded up, never below
         assert r["test_recall"] == 1.0 and r["test_fpr"] <= 0.05  # at most one of 20
+
+
+def test_cli_says_how_many_calibration_images_the_model_trained_on(world, tmp_path, capsys):
+    """`calibrate --folder` counts the folder's files among the artifact's trained-file keys
+    and warns; an artifact without them says it cannot tell."""
+    import shutil
+
+    from lineguard.runtime.calibration.seen import file_key
+
+    art = tmp_path / "artifact"
+    shutil.copytree(world["artifact"], art)
+    card = json.loads((art / "model.json").read_text())
+    frames = sorted(world["normal"].iterdir())
+    card["trained_file_keys"] = [*sorted(file_key(f) for f in frames[:5]), "0" * 16]
+    (art / "model.json").write_text(json.dumps(card))
+    station = write_station(tmp_path / "stations", art)
+    out = tmp_path / "report"
+    assert _cli("--station", str(station), "--folder", str(world["normal"]), "--out", str(out)) == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["trained_on"]["checked"] is True
+    assert (report["trained_on"]["frames"], report["trained_on"]["of"]) == (5, 80)
+    assert report["trained_on"]["names"] == [f.name for f in frames[:5]]
+    assert "5 of 80 frames are images this model TRAINED ON" in capsys.readouterr().out
+    plain = write_station(tmp_path / "plain", world["artifact"])
+    out2 = tmp_path / "report2"
+    assert _cli("--station", str(plain), "--folder", str(world["normal"]), "--out", str(out2)) == 0
+    report = json.loads((out2 / "calibration.json").read_text())
+    assert report["trained_on"]["checked"] is False
+    assert "cannot tell whether the model trained on" in capsys.readouterr().out

@@ -130,6 +130,16 @@ def test_cli_trains_tiny_recipe_end_to_end(tmp_path, capsys) -> None:
     assert (out / "final.pt").is_file() and (out / "last.pt").is_file()
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temp files
+    # the checkpoint keys every image file it trained on, and none of its validation split
+    from lineguard.runtime.calibration.seen import file_key
+    from lineguard.train.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(out / "final.pt")
+    keys = set(ckpt["trained_file_keys"])
+    trained = [data / rel.split("/", 1)[1] for rel in ckpt["split"]["train"]]
+    held = [data / rel.split("/", 1)[1] for rel in ckpt["split"]["val"]]
+    assert trained and held and len(keys) == len(trained)
+    assert {file_key(f) for f in trained} == keys and not {file_key(f) for f in held} & keys
 
     # time-boxed: stop after epoch 1 of 2, then resume to the end
     out2 = tmp_path / "run2"
