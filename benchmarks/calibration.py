@@ -15,9 +15,9 @@ as the runtime decides); the image-score-only figures are reported next to them.
 
 Which normal images: with `--held-out CKPT`, the images that checkpoint held out from training
 (never trained on) where a class has at least 20; classes with fewer are calibrated together
-(`runtime/calibration/pooled.py`: rulers from their train/good images, the bound from all their
-held-out images pooled). Without it, all of train/good: seen in training, their scores are
-optimistic (lower) compared with unseen parts.
+(`runtime/calibration/pooled.py`: rulers from their train/good images the model trained on, the
+bound from all their held-out images pooled). Without it, all of train/good: seen in training,
+their scores are optimistic (lower) compared with unseen parts.
 
     .venv/bin/python benchmarks/calibration.py --artifact runs/art --data DATA \
         --dataset piped        # -> benchmarks/results/calibration_piped.json
