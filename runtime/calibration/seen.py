@@ -6,7 +6,8 @@ target). Training records a short key of every image FILE it trained on (the fir
 `KEY_DIGITS` hex digits of its sha256; validation images, never trained on, are not listed),
 export carries them in `model.json` (`trained_file_keys`), and `lineguard calibrate --folder`
 counts the folder's files among them and says so. Camera frames are new captures and never
-match; a re-encoded copy of a training image is not recognised (its bytes differ).
+match; a re-encoded copy of a training image is not recognised (its bytes differ), nor a whole
+frame whose tiles a tiled model trained on (the tiles are files of their own).
 """
 
 from __future__ import annotations
