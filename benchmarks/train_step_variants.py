@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lineguard.train.auto_recipe import default_recipe
+from lineguard.train.cli import data_override
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.trainer import Trainer
 
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    key = "pack" if Path(args.data).suffix == ".npz" else "mvtec"
-    src = str(Path(args.data).absolute())
-    data = DataConfig.model_validate({key: src if key == "pack" else [{"root": src}]})
+    data = DataConfig.model_validate(data_override([Path(args.data)]))
     recipe, _ = default_recipe(data, cuda=False)
     with tempfile.TemporaryDirectory() as out:
         recipe.update(

@@ -78,7 +78,7 @@ def checkpoint_payload(
         "prompts": prompts,
         "calibration": calibration,
         "data_fingerprint": data.fingerprint,
-        "trained_file_keys": keys_of(getattr(data, "train_sha256", [])),
+        "trained_file_keys": keys_of(data.train_sha256),
         "metrics": metrics or {},
         "epoch": epoch,
     }

@@ -134,7 +134,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Command-line values as config keys (paths made absolute against the cwd)."""
     over: dict[str, Any] = {}
     if args.data:
-        over["data"] = _data_override(args.data)
+        over["data"] = data_override(args.data)
     simple = {
         "epochs": args.epochs,
         "device": args.device,
@@ -163,13 +163,13 @@ def run_recalibrate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = None
     if args.data:
-        data = DataConfig.model_validate(_data_override(args.data))
+        data = DataConfig.model_validate(data_override(args.data))
     calib = recalibrate(args.checkpoint, args.out, data, args.device)
     print(json.dumps(calib, indent=2))
     return 0
 
 
-def _data_override(paths: list[Path]) -> dict[str, Any]:
+def data_override(paths: list[Path]) -> dict[str, Any]:
     """--data values as a `data:` section: MVTec roots, or ONE pack file."""
     paths = [p.expanduser().absolute() for p in paths]
     if len(paths) == 1 and paths[0].suffix == ".npz":

@@ -12,21 +12,18 @@ frame whose tiles a tiled model trained on (the tiles are files of their own).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from lineguard.runtime.artifact import sha256_file
 
 KEY_DIGITS = 16  # 64 bits: collisions among a plant's images are out of the question
 
 
 def file_key(path: str | Path) -> str:
     """The key of one file: the first `KEY_DIGITS` hex digits of the sha256 of its bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:KEY_DIGITS]
+    return sha256_file(Path(path))[:KEY_DIGITS]
 
 
 def keys_of(sha256_hex: Iterable[str]) -> list[str]:
