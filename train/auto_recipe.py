@@ -5,16 +5,18 @@ recipe measured best on VALIDATION data (the proxy of :mod:`lineguard.train.prox
 30-minute budget on a 2-core CPU, and the spec's architecture on a GPU. The rule (also in
 docs/training.md):
 
-* CPU: EfficientNet-Lite0 at 128 px, transformer D 128 with 2+2 layers and no dropout, batch 8
+* CPU: EfficientNet-Lite0, transformer D 128 with 2+2 layers and no dropout, batch 8
   per step, bf16 autocast where the CPU has native bf16; on 2 or more cores the step's batch is
-  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Within a fixed
-  budget, optimizer steps matter more than width or pixels: on mtd (median short side 264 px)
-  160 px cost 1.4x per step and lost on the validation proxy to 128 px in 5 minutes and again,
-  narrowly (0.743 vs 0.746), in a full 30-minute two-process run
-  (``benchmarks/results/input160_mtd``), batch 16 did not beat batch 8, no dropout beat 0.1,
-  and peak lr 4e-4 beat 1e-4 and 1.5e-3 (``benchmarks/results/recipe_search_mtd*``). Large
-  frames with small defects are a case for tiling (the station's ``tiling`` setting), not for a
-  larger square input.
+  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 160 px when the
+  images' median short side is 160 px or more, else 128 px (no pixels the camera did not
+  capture). Within a fixed budget, optimizer steps matter more than width: batch 16 did not
+  beat batch 8, no dropout beat 0.1, peak lr 4e-4 beat 1e-4 and 1.5e-3, and in 5 minutes 128 px
+  beat 160 px (``benchmarks/results/recipe_search_mtd*``). In a full 30-minute two-process
+  run on mtd (median short side 256 px) 160 px made 5 066 steps against 7 564 and still ranked
+  first by :func:`lineguard.train.proxy.recipe_score` (0.653 vs 0.647: proxy 0.751 vs 0.754,
+  held-out judge 0.556 vs 0.540; ``benchmarks/results/input160_mtd``). Large frames with small
+  defects are a case for tiling (the station's ``tiling`` setting), not for a larger square
+  input.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
   256 px when the median short side is 256 px or more.
 * Either device: a 30-minute budget, peak lr ``PEAK_LR`` with 5 % warm-up and cosine decay,
@@ -94,6 +96,7 @@ def default_recipe(
     """(recipe as TrainConfig keys, why in one line) for ``data`` on this device."""
     side, count = median_short_side(data)
     large = side >= 256
+    cpu_input = 160 if side >= 160 else 128
     if cuda:
         model = {
             "backbone": "tf_efficientnet_lite2",
@@ -110,14 +113,14 @@ def default_recipe(
     else:
         model = {
             "backbone": "tf_efficientnet_lite0",
-            "input_size": 128,
+            "input_size": cpu_input,
             "hidden_dim": 128,
             "nhead": 4,
             "dim_feedforward": 512,
             "num_encoder_layers": 2,
             "num_decoder_layers": 2,
             "refiner_channels": 64,
-            "score_pool": 8,
+            "score_pool": cpu_input // 16,
             "dropout": 0.0,
         }
         hardware = cpu_hardware(os.cpu_count() or 1)

@@ -204,3 +204,25 @@ def choose_match_weight(
         "tried": tried,
     }
     return info, calib
+
+
+def recipe_score(metrics: dict) -> dict[str, float | None]:
+    """How recipes are ranked: the mean of the training-family proxy of the kept, smoothed
+    learned map and the held-out judge's figure for the shipped map (prompt match included).
+
+    Why both: the proxy's defects come from the training synthesis (2–15 % of the image), so it
+    rewards whatever the refiner learned to find; the judge's family was never trained on. On
+    mtd they disagreed about 160 vs 128 px (proxy −0.004, judge +0.016), so neither decides
+    alone. ``metrics`` is a checkpoint's ``metrics``; a missing half gives ``score`` None.
+    """
+    blur = metrics.get("map_blur") or {}
+    proxy = (blur.get("val_proxy") or {}).get("val_proxy", metrics.get("val_proxy"))
+    judge = None
+    match = metrics.get("prompt_match") or {}
+    if match.get("tried"):
+        chosen = match["tried"].get(str(match["zoom"]), {}).get(f"{match['weight']:g}")
+        if chosen is None:  # the learned map alone is judged once, at the first zoom
+            chosen = next(iter(match["tried"].values())).get(f"{match['weight']:g}")
+        judge = chosen and chosen.get("val_proxy")
+    score = None if proxy is None or judge is None else 0.5 * (proxy + judge)
+    return {"proxy": proxy, "judge": judge, "score": score}

@@ -149,7 +149,8 @@ def test_default_recipe_follows_image_size_and_device(tmp_path) -> None:
     r_small, why = default_recipe(small, cuda=False)
     r_large, _ = default_recipe(large, cuda=False)
     r_gpu, _ = default_recipe(large, cuda=True)
-    assert r_small["model"]["input_size"] == 128 and r_large["model"]["input_size"] == 128
+    assert r_small["model"]["input_size"] == 128 and r_small["model"]["score_pool"] == 8
+    assert r_large["model"]["input_size"] == 160 and r_large["model"]["score_pool"] == 10
     assert r_small["model"]["backbone"] == "tf_efficientnet_lite0" and r_small["device"] == "cpu"
     assert r_gpu["model"]["backbone"] == "tf_efficientnet_lite2"
     assert r_gpu["model"]["input_size"] == 256 and r_gpu["model"]["num_encoder_layers"] == 4
