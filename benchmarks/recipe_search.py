@@ -1,10 +1,11 @@
-"""Which recipe wins within a budget? Train candidates one after another, rank them by the PROXY.
+"""Which recipe wins within a budget? Train candidates one after another, rank them on VALIDATION.
 
 Every candidate is the default recipe (`lineguard.train.auto_recipe`) with a few keys changed,
 trained with `lineguard train --config` under the same wall-clock budget, ONE at a time (two at
-once halve both). The ranking uses only the validation proxy stored in each `final.pt`. With
-`--report-test` each model is also evaluated on the test split, for the report only: it says how
-well the proxy ranked the candidates (Spearman), never which one is chosen.
+once halve both). The ranking uses only validation figures stored in each `final.pt`:
+`lineguard.train.proxy.recipe_score`, the mean of the training-family proxy and the held-out
+judge. With `--report-test` each model is also evaluated on the test split, for the report
+only: it says how well the ranking agreed with the test set (Spearman), never which one is chosen.
 
     python benchmarks/recipe_search.py --data DATASET --name mtd --budget 6m \
         --candidate lr=4e-4 --candidate lr=1e-4 --candidate model.input_size=160 --report-test
@@ -80,6 +81,7 @@ def main() -> None:
 
     from lineguard.train.auto_recipe import default_recipe
     from lineguard.train.checkpoint import read_checkpoint
+    from lineguard.train.proxy import recipe_score
     from lineguard.train.train_config import DataConfig
 
     data = DataConfig.model_validate({"mvtec": [{"root": str(args.data.absolute())}]})
@@ -130,10 +132,11 @@ def main() -> None:
             }
         )
         row["curve"] = [{k: p.get(k) for k in ("wall_s", "val_proxy")} for p in m["curve"]]
+        row["recipe_score"] = recipe_score(m)
+        row["rank_by"] = row["recipe_score"]["score"] or row["val_proxy"]
         if args.judge_synthesis:
             row["judge"] = _judge(out / "final.pt", args.judge_synthesis)
-            row["val_proxy_own"] = row["val_proxy"]
-            row["val_proxy"] = row["judge"]["val_proxy"]
+            row["rank_by"] = row["judge"]["val_proxy"]
         if args.report_test:
             from lineguard.train.evaluate import evaluate_checkpoint
 
@@ -141,20 +144,21 @@ def main() -> None:
             row["test"] = res["mean"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
-    ranked = sorted(rows, key=lambda r: -(r["val_proxy"] or 0))
+    ranked = sorted(rows, key=lambda r: -(r["rank_by"] or 0))
     result = {
         "dataset": args.name,
         "budget": args.budget,
         "base": why,
-        "chosen_by_proxy": ranked[0]["candidate"],
+        "ranked_by": "judge synthesis" if args.judge_synthesis else "recipe_score",
+        "chosen": ranked[0]["candidate"],
         "candidates": rows,
     }
     if args.report_test and len(rows) > 2:
         from scipy.stats import spearmanr
 
-        proxy = [r["val_proxy"] for r in rows]
-        result["proxy_vs_test_spearman"] = {
-            k: float(spearmanr(proxy, [r["test"][k] for r in rows]).statistic)
+        ranking = [r["rank_by"] for r in rows]
+        result["ranking_vs_test_spearman"] = {
+            k: float(spearmanr(ranking, [r["test"][k] for r in rows]).statistic)
             for k in ("image_auroc", "pixel_ap", "aupro")
         }
     args.out.mkdir(parents=True, exist_ok=True)

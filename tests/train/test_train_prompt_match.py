@@ -131,3 +131,23 @@ def test_onnx_export_of_the_fused_map_matches_torch(tmp_path, zoom: int) -> None
     amap_o, score_o = d.run(None, {"image": x.numpy(), "prompt_tokens": tok})
     np.testing.assert_allclose(amap_o, amap.numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(score_o, score.numpy(), rtol=1e-3, atol=1e-3)
+
+
+def test_recipe_score_averages_the_kept_proxy_and_the_judge_of_the_shipped_map() -> None:
+    from lineguard.train.proxy import recipe_score
+
+    tried = {
+        "1": {"0": {"val_proxy": 0.50}, "0.25": {"val_proxy": 0.56}},
+        "2": {"0.25": {"val_proxy": 0.58}},
+    }
+    metrics = {
+        "val_proxy": 0.70,
+        "map_blur": {"val_proxy": {"val_proxy": 0.74}},
+        "prompt_match": {"weight": 0.25, "zoom": 2, "tried": tried},
+    }
+    assert recipe_score(metrics) == pytest.approx({"proxy": 0.74, "judge": 0.58, "score": 0.66})
+    # the learned map alone (w = 0) is judged once, at the first zoom
+    learned = {**metrics, "prompt_match": {"weight": 0.0, "zoom": 1, "tried": tried}}
+    assert recipe_score(learned)["judge"] == 0.50
+    # no judge (an older checkpoint): no score, so nothing is ranked on half the evidence
+    assert recipe_score({"val_proxy": 0.7})["score"] is None
