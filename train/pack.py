@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from lineguard.runtime.artifact import sha256_file
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.data import Sample, load_image, load_mask, scan_folder, scan_mvtec
 
@@ -86,20 +87,12 @@ def _threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_fingerprint(samples: Iterable[Sample], hashes: Sequence[str] | None = None) -> str:
     """sha256 over each sample's identity and its file's content: same data -> same fingerprint,
     whether it was read from the folders or from a pack."""
     samples = list(samples)
     if hashes is None:
-        hashes = [file_sha256(s.path) for s in samples]
+        hashes = [sha256_file(s.path) for s in samples]
     rows = sorted(
         f"{s.dataset}/{s.rel_path}|{s.category}|{s.split}|{s.label}|{h}"
         for s, h in zip(samples, hashes, strict=True)
@@ -137,7 +130,7 @@ def build_pack(samples: Sequence[Sample], size: int, progress: bool = True) -> P
     samples = list(samples)
     images, masks = load_arrays(samples, size, progress=progress)
     with ThreadPoolExecutor(_threads()) as ex:
-        hashes = list(ex.map(lambda s: file_sha256(s.path), samples))
+        hashes = list(ex.map(lambda s: sha256_file(s.path), samples))
     return Pack(size, samples, images, masks, hashes)
 
 
