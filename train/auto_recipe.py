@@ -7,16 +7,18 @@ docs/training.md):
 
 * CPU: EfficientNet-Lite0, transformer D 128 with 2+2 layers and no dropout, batch 8
   per step, bf16 autocast where the CPU has native bf16; on 2 or more cores the step's batch is
-  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 160 px when the
-  images' median short side is 160 px or more, else 128 px (no pixels the camera did not
-  capture). Within a fixed budget, optimizer steps matter more than width: batch 16 did not
-  beat batch 8, no dropout beat 0.1, peak lr 4e-4 beat 1e-4 and 1.5e-3, and in 5 minutes 128 px
-  beat 160 px (``benchmarks/results/recipe_search_mtd*``). In a full 30-minute two-process
-  run on mtd (median short side 256 px) 160 px made 5 066 steps against 7 564 and still ranked
-  first by :func:`lineguard.train.proxy.recipe_score` (0.653 vs 0.647: proxy 0.751 vs 0.754,
-  held-out judge 0.556 vs 0.540; ``benchmarks/results/input160_mtd``). Large frames with small
-  defects are a case for tiling (the station's ``tiling`` setting), not for a larger square
-  input.
+  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 160 px (score pool
+  10), whatever the image size. Within a fixed budget, optimizer steps matter more than width:
+  batch 16 did not beat batch 8, no dropout beat 0.1, peak lr 4e-4 beat 1e-4 and 1.5e-3, and in
+  5 minutes 128 px beat 160 px (``benchmarks/results/recipe_search_mtd*``). In full 30-minute
+  two-process runs 160 px ranked first by :func:`lineguard.train.proxy.recipe_score` although
+  it makes ~0.7x the steps: on mtd (median short side 256 px) 0.653 vs 0.647 (proxy 0.751 vs
+  0.754, held-out judge 0.556 vs 0.540; ``benchmarks/results/input160_mtd``) and, in a
+  comparison registered before it ran, on piped's 128-px patches upsampled: 0.707 vs 0.703
+  (proxy 0.821 vs 0.800, judge 0.594 vs 0.605). More tokens (10x10 instead of 8x8) give finer
+  maps. Large frames with small defects are a case for tiling (the station's ``tiling``
+  setting), not for a larger square input; tiles cut by ``lineguard data tile`` are trained at
+  their own size on either device, because stations cut tiles at the model's input size.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
   256 px when the median short side is 256 px or more.
 * Either device: a 30-minute budget, peak lr ``PEAK_LR`` with 5 % warm-up and cosine decay,
@@ -26,6 +28,7 @@ docs/training.md):
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +41,9 @@ PEAK_LR = 4e-4
 _SIZE_SAMPLE = 64  # images read (headers decoded) to estimate the typical size
 
 
-def median_short_side(data: DataConfig) -> tuple[int, int]:
-    """(median short side in pixels, number of normal training images) of the data sources."""
+def median_short_side(data: DataConfig) -> tuple[int, int, bool]:
+    """(median short side in pixels, number of normal training images, whether they are tiles
+    cut by ``lineguard data tile``) of the data sources."""
     import cv2
 
     from lineguard.train.data import scan_folder, scan_mvtec
@@ -48,21 +52,27 @@ def median_short_side(data: DataConfig) -> tuple[int, int]:
     if data.pack is not None:
         pack = load_pack(data.pack, progress=False)
         normal = pack.select(lambda s: s.split == "train" and s.label == 0)
-        return int(pack.size), len(normal)
+        return int(pack.size), len(normal), any(is_tile_class(s.category) for s in normal.samples)
     samples = []
     for src in data.mvtec:
         samples += [s for s in scan_mvtec(src.root, src.categories) if s.split == "train"]
     for src in data.folders:
         samples += scan_folder(src.path, src.category)
     if not samples:
-        return 0, 0
+        return 0, 0, False
     step = max(1, len(samples) // _SIZE_SAMPLE)
     sides = []
     for s in samples[::step]:
         img = cv2.imread(str(s.path), cv2.IMREAD_UNCHANGED)
         if img is not None:
             sides.append(min(img.shape[:2]))
-    return (int(np.median(sides)) if sides else 0), len(samples)
+    tiles = any(is_tile_class(s.category) for s in samples)
+    return (int(np.median(sides)) if sides else 0), len(samples), tiles
+
+
+def is_tile_class(category: str) -> bool:
+    """A position class of ``lineguard data tile`` (``<class>@r<row>c<col>``)."""
+    return re.search(r"@r\d+c\d+$", category) is not None
 
 
 def cpu_hardware(cores: int) -> dict[str, Any]:
@@ -94,20 +104,22 @@ def default_recipe(
     data: DataConfig, cuda: bool, out_dir: Path | None = None
 ) -> tuple[dict[str, Any], str]:
     """(recipe as TrainConfig keys, why in one line) for ``data`` on this device."""
-    side, count = median_short_side(data)
+    side, count, tiles = median_short_side(data)
     large = side >= 256
-    cpu_input = 160 if side >= 160 else 128
+    # tiles: the model's input IS the tile (stations and `evaluate --tile-scale` cut at it)
+    tile = side if tiles and side > 0 else None
+    cpu_input = tile or 160
     if cuda:
         model = {
             "backbone": "tf_efficientnet_lite2",
-            "input_size": 256 if large else 224,
+            "input_size": tile or (256 if large else 224),
             "hidden_dim": 256,
             "nhead": 8,
             "dim_feedforward": 1024,
             "num_encoder_layers": 4,
             "num_decoder_layers": 4,
             "refiner_channels": 128,
-            "score_pool": 16,
+            "score_pool": max(1, tile // 16) if tile else 16,
         }
         hardware = {"device": "cuda", "batch_size": 16, "num_workers": 8}
     else:
@@ -120,7 +132,7 @@ def default_recipe(
             "num_encoder_layers": 2,
             "num_decoder_layers": 2,
             "refiner_channels": 64,
-            "score_pool": cpu_input // 16,
+            "score_pool": max(1, cpu_input // 16),
             "dropout": 0.0,
         }
         hardware = cpu_hardware(os.cpu_count() or 1)
@@ -140,7 +152,8 @@ def default_recipe(
     if out_dir is not None:
         recipe["out_dir"] = str(out_dir)
     why = (
-        f"default recipe for {count} normal images, median short side {side} px, on "
+        f"default recipe for {count} normal {'tiles' if tile else 'images'}, median short side "
+        f"{side} px, on "
         f"{'cuda' if cuda else 'cpu'}: {model['backbone']} at {model['input_size']} px, "
         f"D {model['hidden_dim']}, {model['num_encoder_layers']}+{model['num_decoder_layers']} "
         f"layers, budget {DEFAULT_BUDGET_S / 60:.0f} min"

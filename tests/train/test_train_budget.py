@@ -149,8 +149,8 @@ def test_default_recipe_follows_image_size_and_device(tmp_path) -> None:
     r_small, why = default_recipe(small, cuda=False)
     r_large, _ = default_recipe(large, cuda=False)
     r_gpu, _ = default_recipe(large, cuda=True)
-    assert r_small["model"]["input_size"] == 128 and r_small["model"]["score_pool"] == 8
-    assert r_large["model"]["input_size"] == 160 and r_large["model"]["score_pool"] == 10
+    for cpu in (r_small, r_large):
+        assert cpu["model"]["input_size"] == 160 and cpu["model"]["score_pool"] == 10
     assert r_small["model"]["backbone"] == "tf_efficientnet_lite0" and r_small["device"] == "cpu"
     assert r_gpu["model"]["backbone"] == "tf_efficientnet_lite2"
     assert r_gpu["model"]["input_size"] == 256 and r_gpu["model"]["num_encoder_layers"] == 4
@@ -158,6 +158,19 @@ def test_default_recipe_follows_image_size_and_device(tmp_path) -> None:
     assert all(r["budget"] == 1800 for r in (r_small, r_large, r_gpu))
     assert "6 normal images" in why and "96 px" in why
     TrainConfig.model_validate(r_small)  # a valid recipe as it stands
+
+
+def test_default_recipe_trains_tiles_at_their_own_size(tmp_path) -> None:
+    """Stations and `evaluate --tile-scale` cut tiles at the model's input size, so a model
+    trained on `lineguard data tile` output must keep the tile size on either device."""
+    spec = _folders(tmp_path / "tiles", 3, 96)
+    for f in spec["folders"]:
+        f["category"] += "@r0c1"
+    tiles = DataConfig.model_validate(spec)
+    for cuda in (False, True):
+        recipe, why = default_recipe(tiles, cuda=cuda)
+        assert recipe["model"]["input_size"] == 96 and recipe["model"]["score_pool"] == 6
+        assert "6 normal tiles" in why
 
 
 @pytest.mark.slow
