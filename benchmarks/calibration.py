@@ -170,6 +170,9 @@ def evaluate_class(
 
     n_dec = normal.decision_scores(t_pix, rr)
     return {
+        "calibration_vs_test_good": _same_distribution(
+            cal["unseen"] if "unseen" in cal else normal.arrays()[0], good.arrays()[0]
+        ),
         "image_threshold": t_img,
         "pixel_threshold": t_pix,
         "test_fpr": rate(good),
@@ -182,6 +185,24 @@ def evaluate_class(
         "test_defective": len(bad),
         "train_alarm_rate": float(np.mean(n_dec >= t_img)) if len(normal) else 0.0,
         "warnings": warnings,
+    }
+
+
+def _same_distribution(calib: np.ndarray, test_good: np.ndarray) -> dict[str, Any] | None:
+    """Do the calibration frames' image scores look like the test normals'? (two-sample
+    Kolmogorov-Smirnov). A threshold fitted on one sample cannot keep its false-alarm target on
+    another drawn from a different distribution, however good the fit."""
+    if len(calib) < 2 or len(test_good) < 2:
+        return None
+    from scipy.stats import ks_2samp
+
+    def quantiles(x: np.ndarray) -> dict[str, float]:
+        return {f"p{q:g}": float(np.quantile(x, q / 100)) for q in (50, 90, 99)}
+
+    return {
+        "ks_p": float(ks_2samp(calib, test_good).pvalue),
+        "calibration_quantiles": quantiles(calib),
+        "test_good_quantiles": quantiles(test_good),
     }
 
 
