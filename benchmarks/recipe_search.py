@@ -8,7 +8,7 @@ judge. With `--report-test` each model is also evaluated on the test split, for 
 only: it says how well the ranking agreed with the test set (Spearman), never which one is chosen.
 
     python benchmarks/recipe_search.py --data DATASET --name mtd --budget 6m \
-        --candidate lr=4e-4 --candidate lr=1e-4 --candidate model.input_size=160 --report-test
+        --candidate lr=4e-4 --candidate lr=1e-4 --candidate model.input_size=128 --report-test
 """
 
 from __future__ import annotations
