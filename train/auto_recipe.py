@@ -28,7 +28,6 @@ docs/training.md):
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ def median_short_side(data: DataConfig) -> tuple[int, int, bool]:
 
     from lineguard.train.data import scan_folder, scan_mvtec
     from lineguard.train.pack import load_pack
+    from lineguard.train.tiles import is_tile_class
 
     if data.pack is not None:
         pack = load_pack(data.pack, progress=False)
@@ -68,11 +68,6 @@ def median_short_side(data: DataConfig) -> tuple[int, int, bool]:
             sides.append(min(img.shape[:2]))
     tiles = any(is_tile_class(s.category) for s in samples)
     return (int(np.median(sides)) if sides else 0), len(samples), tiles
-
-
-def is_tile_class(category: str) -> bool:
-    """A position class of ``lineguard data tile`` (``<class>@r<row>c<col>``)."""
-    return re.search(r"@r\d+c\d+$", category) is not None
 
 
 def cpu_hardware(cores: int) -> dict[str, Any]:

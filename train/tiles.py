@@ -21,6 +21,7 @@ here, so the model is judged on exactly what the edge will run:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,16 @@ from lineguard.train.metrics import class_metrics, mean_metrics
 from lineguard.train.prompts import parse_prompt_spec, to_tensor, train_rows_by_class
 
 log = logging.getLogger(__name__)
+
+
+def position_class(category: str, row: int, col: int) -> str:
+    """The class of one grid position's tiles: ``<class>@r<row>c<col>``."""
+    return f"{category}@r{row}c{col}"
+
+
+def is_tile_class(category: str) -> bool:
+    """Whether ``category`` names a grid position (:func:`position_class`)."""
+    return re.search(r"@r\d+c\d+$", str(category)) is not None
 
 
 def load_original(path: str | Path) -> np.ndarray:
@@ -100,7 +111,7 @@ def position_validation(ckpt: Mapping[str, Any]) -> dict[str, np.ndarray] | None
     """Held-out validation tiles per position class (`<class>@r<row>c<col>`) of a model trained
     per grid position, re-read with its recipe's split; None for any other model or when the
     training tiles cannot be read any more."""
-    if not any("@r" in str(c) for c in ckpt.get("classes") or []):
+    if not any(is_tile_class(c) for c in ckpt.get("classes") or []):
         return None
     from lineguard.train.train_config import TrainConfig
     from lineguard.train.train_data import load_training_data_for
@@ -128,7 +139,8 @@ def validation_rulers(
     tiles scored against its prompt tile (the prompt tile itself left out); None without them."""
     if not val:
         return None
-    names = [f"{category}@r{r}c{c}" for r in range(len(grid.ys)) for c in range(len(grid.xs))]
+    rows, cols = range(len(grid.ys)), range(len(grid.xs))
+    names = [position_class(category, r, c) for r in rows for c in cols]
     if any(n not in val for n in names):
         log.warning("per-position rulers: the model was not trained on this grid; plain max")
         return None
@@ -302,7 +314,7 @@ def tile_dataset(
         grid = image_grid(img.shape[:2], tile, tiling)
         for k, t in enumerate(cut(to_canvas(img, grid), grid)):
             r, c = divmod(k, len(grid.xs))
-            cat = f"{s.category}@r{r}c{c}"
+            cat = position_class(s.category, r, c)
             folder = out / cat / "train" / "good"
             folder.mkdir(parents=True, exist_ok=True)
             stem = s.rel_path.replace("/", "_").rsplit(".", 1)[0]
