@@ -19,8 +19,16 @@ Which normal images: with `--held-out CKPT`, the images that checkpoint held out
 bound from all their held-out images pooled). Without it, all of train/good: seen in training,
 their scores are optimistic (lower) compared with unseen parts.
 
+With `--station-frames`, as a station calibrates after installation on frames its own camera
+captured (`lineguard calibrate --frames N`): each station's test/good images are split at random
+(seeded per class) into two halves; the thresholds are fitted on one half and the false-alarm rate
+is measured on the OTHER half (recall on all defective images), then the halves swap and the two
+folds are averaged. No image is ever judged by thresholds fitted on it, and none was trained on.
+A half with fewer than 20 frames is calibrated with the pooled rule (rulers from train/good, the
+bound from all such stations' halves pooled). Each fold's frame names are recorded.
+
     .venv/bin/python benchmarks/calibration.py --artifact runs/art --data DATA \
-        --dataset piped        # -> benchmarks/results/calibration_piped.json
+        --dataset piped --station-frames   # -> benchmarks/results/calibration_piped.json
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ import json
 import re
 import shlex
 import sys
+import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +79,6 @@ def _prompt(artifact: Path, card: Any, root: Path, cls: str) -> tuple[Path, str]
 
 def _held_out_folders(ckpt_path: Path, data: Path) -> dict[str, Path]:
     """Per class, a temporary folder linking the checkpoint's validation images (held out)."""
-    import tempfile
-
     import torch
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -120,11 +128,26 @@ def calibration_frames(scorer: Any, root: Path, cls: str, args: argparse.Namespa
     }
 
 
-def evaluate_class(
-    scorer: Any, root: Path, cls: str, cal: dict, pooled: Any, args: argparse.Namespace
-) -> dict[str, Any]:
-    from lineguard.runtime.calibration.report import make_report, round_up
+def score_defects(scorer: Any, root: Path, cls: str) -> Any:
+    """Every defective test image of a class, named `<defect type>/<file>`."""
     from lineguard.runtime.calibration.scoring import ScoreSet, folder_frames
+
+    bad = ScoreSet()
+    for d in _defect_dirs(root, cls):
+        part = scorer.score_all(folder_frames(d), False, f"{cls} test/{d.name}")
+        bad.names += [f"{d.name}/{n}" for n in part.names]
+        bad.image += part.image
+        bad.region += part.region
+    return bad
+
+
+def evaluate_class(
+    scorer: Any, cls: str, cal: dict, pooled: Any, good: Any, bad: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Fit the station's thresholds on `cal` and judge the normal frames `good` and the
+    defective frames `bad` with them."""
+    from lineguard.runtime.calibration.report import make_report, round_up
+    from lineguard.runtime.calibration.scoring import ScoreSet
 
     normal = cal["normal"]
     report = make_report(
@@ -153,13 +176,6 @@ def evaluate_class(
             "seen_frame_proposal": report["proposed"]["image"],
         }
         warnings = [pooled.note, *pooled.z.warnings, *report["pixel"]["warnings"]]
-    good = scorer.score_all(folder_frames(root / cls / "test" / "good"), False, f"{cls} test/good")
-    bad = ScoreSet()
-    for d in _defect_dirs(root, cls):
-        part = scorer.score_all(folder_frames(d), False, f"{cls} test/{d.name}")
-        bad.names += [f"{d.name}/{n}" for n in part.names]
-        bad.image += part.image
-        bad.region += part.region
     rr = scorer.pipeline.require_region
 
     def rate(s: ScoreSet, image_only: bool = False) -> float | None:
@@ -206,6 +222,127 @@ def _same_distribution(calib: np.ndarray, test_good: np.ndarray) -> dict[str, An
     }
 
 
+def _halves(root: Path, cls: str, seed: int) -> list[Path]:
+    """A class's test/good split at random into two halves (seeded per class), each a temporary
+    folder of links, as two batches of frames a station's camera would capture."""
+    good = sorted(p for p in (root / cls / "test" / "good").iterdir() if p.is_file())
+    if len(good) < 2:
+        raise SystemExit(f"{cls}: --station-frames needs at least 2 test/good images")
+    order = np.random.default_rng([seed, zlib.crc32(cls.encode())]).permutation(len(good))
+    tmp = Path(tempfile.mkdtemp(prefix="lineguard-station-"))
+    folders = []
+    for half, idx in enumerate((order[: len(good) // 2], order[len(good) // 2 :])):
+        folder = tmp / cls / f"half{half}"
+        folder.mkdir(parents=True)
+        for i in idx:
+            (folder / good[i].name).symlink_to(good[i].absolute())
+        folders.append(folder)
+    return folders
+
+
+def _pool(cals: dict[str, dict], args: argparse.Namespace) -> Any:
+    """The pooled proposal for the stations whose calibration frames are too few on their own."""
+    from lineguard.runtime.calibration.pooled import propose_pooled
+
+    pool = {c: v for c, v in cals.items() if "unseen" in v}
+    if not pool:
+        return None
+    try:
+        return propose_pooled(
+            {c: v["seen"] for c, v in pool.items()},
+            {c: v["unseen"] for c, v in pool.items()},
+            args.target_far,
+            args.confidence,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise SystemExit(f"pooled calibration of {sorted(pool)}: {e}") from None
+
+
+def station_folds(
+    scorers: dict[str, Any], bad: dict[str, Any], root: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], list[Any]]:
+    """`--station-frames`: fit on one half of each station's test/good, judge the other half,
+    swap, average (see the module docstring). Returns per-station results and the pooled
+    proposal of each fold (None where no station was pooled)."""
+    from lineguard.runtime.calibration.scoring import folder_frames
+
+    halves, seen = {}, {}
+    for cls, scorer in scorers.items():
+        halves[cls] = [
+            scorer.score_all(folder_frames(d), True, f"{cls} station frames, half {h}")
+            for h, d in enumerate(_halves(root, cls, args.seed))
+        ]
+        if min(len(h) for h in halves[cls]) < MIN_SCORES:  # pooled, as --held-out pools
+            seen[cls] = scorer.score_all(
+                folder_frames(root / cls / "train" / "good"), True, f"{cls} train/good (rulers)"
+            )
+    folds: dict[str, list[dict[str, Any]]] = {cls: [] for cls in scorers}
+    pooled_per_fold = []
+    for fit in (0, 1):
+        cals = {}
+        for cls in scorers:
+            frames = halves[cls][fit]
+            cals[cls] = {"normal": frames, "from": f"station frames: half {fit} of test/good"}
+            if len(frames) < MIN_SCORES:  # pixel threshold and ruler from train/good
+                cals[cls] = {
+                    "normal": seen[cls],
+                    "from": f"pooled: station frames (half {fit} of test/good) of all pooled "
+                    "stations, each on its ruler from train/good seen in training",
+                    "seen": seen[cls].arrays()[0],
+                    "unseen": frames.arrays()[0],
+                }
+        pooled = _pool(cals, args)
+        pooled_per_fold.append(pooled)
+        for cls, scorer in scorers.items():
+            r = evaluate_class(scorer, cls, cals[cls], pooled, halves[cls][1 - fit], bad[cls], args)
+            folds[cls].append({**r, "calibration_frame_names": halves[cls][fit].names})
+    return {cls: _fold_mean(rs) for cls, rs in folds.items()}, pooled_per_fold
+
+
+def _fold_mean(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One station's two folds: rates averaged, each fold kept whole under `folds`."""
+
+    def avg(get: Any) -> float | None:
+        vals = [get(f) for f in folds if get(f) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    return {
+        "test_fpr": avg(lambda f: f["test_fpr"]),
+        "test_recall": avg(lambda f: f["test_recall"]),
+        "image_only": {
+            k: avg(lambda f, k=k: f["image_only"][k]) for k in ("test_fpr", "test_recall")
+        },
+        "image_threshold": [f["image_threshold"] for f in folds],
+        "pixel_threshold": [f["pixel_threshold"] for f in folds],
+        "method": folds[0]["method"],
+        "calibration_frames": [f["calibration_frames"] for f in folds],
+        "calibration_frames_from": "station frames: half of test/good, two folds",
+        "test_good": sum(f["test_good"] for f in folds),
+        "test_defective": folds[0]["test_defective"],
+        "folds": folds,
+    }
+
+
+def _frames_source(args: argparse.Namespace, held_out_from: Path | None) -> str:
+    if args.station_frames:
+        return (
+            "station frames: each station's test/good split at random into two halves; "
+            "thresholds fitted on one half, the false-alarm rate measured on the other, then "
+            f"swapped and averaged (see each station's folds); halves with fewer than {MIN_SCORES} "
+            "frames pooled, each on its station's ruler from train/good"
+        )
+    if held_out_from:
+        return (
+            f"per station: the normal images held out from training by {held_out_from.name} "
+            f"(its validation split, never trained on) where there are >= {MIN_SCORES}; else "
+            "the held-out frames of all such stations pooled, each read on its station's ruler "
+            "from its train/good frames seen in training (see calibration_frames_from and "
+            "pooled)"
+        )
+    return "all train/good images (seen in training)"
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2%}"
 
@@ -236,14 +373,21 @@ def main(argv: list[str] | None = None) -> int:
         "(its validation split: never trained on), as a station calibrates on its own new "
         "frames; default: all of train/good (seen in training: optimistic scores)",
     )
+    p.add_argument(
+        "--station-frames",
+        action="store_true",
+        help="calibrate each station on half of its test/good frames (as frames its camera "
+        "captured) and measure the false-alarm rate on the other half, then swap",
+    )
     args = p.parse_args(argv)
+    if args.station_frames and args.held_out:
+        p.error("--station-frames and --held-out are two different calibration sources")
     args.artifact = args.artifact.absolute()
     held_out_from = args.held_out
     args.held_out = _held_out_folders(args.held_out, args.data) if args.held_out else {}
 
     from lineguard.runtime.artifact import load_card
-    from lineguard.runtime.calibration.pooled import propose_pooled
-    from lineguard.runtime.calibration.scoring import StationScorer
+    from lineguard.runtime.calibration.scoring import StationScorer, folder_frames
     from lineguard.runtime.engine import load_engine
 
     root = args.data / args.dataset if (args.data / args.dataset).is_dir() else args.data
@@ -260,29 +404,30 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(args.artifact, backend=args.engine, precision=precision, threads=2)
     started = time.time()
     per_station: dict[str, Any] = {}
-    pooled = None
+    pooled: Any = None
     try:
-        scorers, cals = {}, {}
+        scorers, prompts, bad = {}, {}, {}
         for cls in classes:
-            prompt, prompt_from = _prompt(args.artifact, card, root, cls)
+            prompt, prompts[cls] = _prompt(args.artifact, card, root, cls)
             cfg = _station(cls, args.dataset, args.artifact, prompt, args.engine, precision)
-            scorers[cls] = (StationScorer(cfg, engine=engine), prompt_from)
-            cals[cls] = calibration_frames(scorers[cls][0], root, cls, args)
-        pool = {c: v for c, v in cals.items() if "unseen" in v}
-        if pool:
-            pooled = propose_pooled(
-                {c: v["seen"] for c, v in pool.items()},
-                {c: v["unseen"] for c, v in pool.items()},
-                args.target_far,
-                args.confidence,
-                seed=args.seed,
-            )
+            scorers[cls] = StationScorer(cfg, engine=engine)
+            bad[cls] = score_defects(scorers[cls], root, cls)
+        if args.station_frames:
+            per_station, pooled = station_folds(scorers, bad, root, args)
+        else:
+            cals = {cls: calibration_frames(scorers[cls], root, cls, args) for cls in classes}
+            pooled = _pool(cals, args)
+            for cls in classes:
+                good = scorers[cls].score_all(
+                    folder_frames(root / cls / "test" / "good"), False, f"{cls} test/good"
+                )
+                per_station[cls] = evaluate_class(
+                    scorers[cls], cls, cals[cls], pooled, good, bad[cls], args
+                )
         for cls in classes:
-            scorer, prompt_from = scorers[cls]
-            r = evaluate_class(scorer, root, cls, cals[cls], pooled, args)
-            per_station[cls] = {**r, "prompt": prompt_from}
+            r = per_station[cls] = {**per_station[cls], "prompt": prompts[cls]}
             print(
-                f"{cls}: image threshold {r['image_threshold']:.4g} ({r['method']}), "
+                f"{cls}: image threshold {r['image_threshold']} ({r['method']}), "
                 f"test FPR {_pct(r['test_fpr'])} of {r['test_good']}, "
                 f"recall {_pct(r['test_recall'])} of {r['test_defective']}"
             )
@@ -304,22 +449,18 @@ def main(argv: list[str] | None = None) -> int:
         "pixel_rate": args.pixel_rate,
         "decision": "image score >= image_threshold and a region >= min_area_px at the pixel "
         "threshold (the runtime's rule)",
-        "calibration_frames": (
-            f"per station: the normal images held out from training by {held_out_from.name} "
-            f"(its validation split, never trained on) where there are >= {MIN_SCORES}; else "
-            "the held-out frames of all such stations pooled, each read on its station's ruler "
-            "from its train/good frames seen in training (see calibration_frames_from and "
-            "pooled)"
-            if held_out_from
-            else "all train/good images (seen in training)"
-        ),
+        "calibration_frames": _frames_source(args, held_out_from),
         "artifact": {
             "name": card.name,
             "model_json_sha256": hashlib.sha256(
                 (args.artifact / "model.json").read_bytes()
             ).hexdigest(),
         },
-        "pooled": None if pooled is None else pooled.to_dict(),
+        "pooled": (
+            [f and f.to_dict() for f in pooled]
+            if isinstance(pooled, list)
+            else pooled and pooled.to_dict()
+        ),
         "engine": args.engine,
         "precision": precision,
         "seconds": round(time.time() - started, 1),

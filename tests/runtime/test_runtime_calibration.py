@@ -446,6 +446,40 @@ def test_calibration_benchmark_pools_stations_with_few_held_out_frames(tmp_path)
         assert r["test_recall"] == 1.0 and r["test_fpr"] <= 0.05  # at most one of 20
 
 
+def test_calibration_benchmark_station_frames_never_judges_a_frame_it_was_fitted_on(tmp_path):
+    """--station-frames: each station's test/good split in two halves; thresholds fitted on one
+    are judged on the other, then swapped. Halves of >= 20 frames get their own fit, smaller ones
+    the pooled rule; the result records each fold's frames."""
+    art = make_artifact(tmp_path / "artifact", classes=("widget", "gadget", "gizmo"))
+    rng = np.random.default_rng(6)
+    root = tmp_path / "data" / "tiny"
+    for cls, n_good in (("widget", 44), ("gadget", 24), ("gizmo", 24)):
+        write_images(root / cls / "train" / "good", [normal_image(rng, cls) for _ in range(30)])
+        write_images(root / cls / "test" / "good", [normal_image(rng, cls) for _ in range(n_good)])
+        write_images(root / cls / "test" / "spot", [defect_image(rng, cls) for _ in range(6)])
+    out = tmp_path / "calibration_tiny.json"
+    script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
+    cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
+    cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--station-frames"]
+    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["calibration_frames"].startswith("station frames")
+    assert len(result["pooled"]) == 2  # one pooled fit per fold: gadget and gizmo, 12 + 12
+    assert all(f["frames"] == {"gadget": 12, "gizmo": 12} for f in result["pooled"])
+    for cls, n_good in (("widget", 44), ("gadget", 24), ("gizmo", 24)):
+        r = result["per_station"][cls]
+        a, b = (set(f["calibration_frame_names"]) for f in r["folds"])
+        assert not a & b and len(a | b) == n_good and len(a) == n_good // 2
+        for fold, other in zip(r["folds"], (b, a), strict=True):
+            assert fold["test_good"] == len(other)  # judged on the half it was not fitted on
+        assert r["method"].startswith("pooled ") == (cls != "widget")
+        assert r["test_recall"] == 1.0 and r["test_fpr"] <= 0.1
+        assert r["test_fpr"] == np.mean([f["test_fpr"] for f in r["folds"]])
+    both = subprocess.run([*cmd, "--held-out", str(out)], capture_output=True, text=True)
+    assert both.returncode == 2 and "two different calibration sources" in both.stderr
+
+
 def test_cli_says_how_many_calibration_images_the_model_trained_on(world, tmp_path, capsys):
     """`calibrate --folder` counts the folder's files among the artifact's trained-file keys
     and warns; an artifact without them says it cannot tell."""
