@@ -7,16 +7,19 @@ docs/training.md):
 
 * CPU: EfficientNet-Lite0, transformer D 128 with 2+2 layers and no dropout, batch 8
   per step, bf16 autocast where the CPU has native bf16; on 2 or more cores the step's batch is
-  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 160 px (score pool
-  10), whatever the image size. Within a fixed budget, optimizer steps matter more than width:
-  batch 16 did not beat batch 8, no dropout beat 0.1, peak lr 4e-4 beat 1e-4 and 1.5e-3, and in
-  5 minutes 128 px beat 160 px (``benchmarks/results/recipe_search_mtd*``). In full 30-minute
-  two-process runs 160 px ranked first by :func:`lineguard.train.proxy.recipe_score` although
-  it makes ~0.7x the steps: on mtd (median short side 256 px) 0.653 vs 0.647 (proxy 0.751 vs
-  0.754, held-out judge 0.556 vs 0.540; ``benchmarks/results/input160_mtd``) and, in a
-  comparison registered before it ran, on piped's 128-px patches upsampled: 0.707 vs 0.703
+  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 192 px (score pool
+  12) where the median short side is 192 px or more, else 160 px (score pool 10). Within a fixed
+  budget, optimizer steps matter more than width: batch 16 did not beat batch 8, no dropout beat
+  0.1, peak lr 4e-4 beat 1e-4 and 1.5e-3, and in 5 minutes 128 px beat 160 px
+  (``benchmarks/results/recipe_search_mtd*``). In full 30-minute two-process runs the larger
+  input ranked first by :func:`lineguard.train.proxy.recipe_score` each time although it makes
+  fewer steps: on mtd (median short side 256 px) 160 over 128 px 0.653 vs 0.647 (proxy 0.751 vs
+  0.754, held-out judge 0.556 vs 0.540; ``benchmarks/results/input160_mtd``), then 192 over
+  160 px 0.671 vs 0.652 (proxy 0.738 vs 0.751, judge 0.604 vs 0.553, 3 740 steps vs 5 253;
+  ``benchmarks/results/input192_mtd``, registered before it ran); and, registered before it
+  ran, on piped's 128-px patches upsampled to 160: 0.707 vs 0.703
   (proxy 0.821 vs 0.800, judge 0.594 vs 0.605). More tokens (10x10 instead of 8x8) give finer
-  maps. Large frames with small defects are a case for tiling (the station's ``tiling``
+  maps. Frames far larger, with small defects, are a case for tiling (the station's ``tiling``
   setting), not for a larger square input; tiles cut by ``lineguard data tile`` are trained at
   their own size on either device, because stations cut tiles at the model's input size.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
@@ -37,6 +40,7 @@ from lineguard.train.train_config import DataConfig
 
 DEFAULT_BUDGET_S = 1800.0
 PEAK_LR = 4e-4
+LARGE_CPU_INPUT = 192  # CPU input where the median short side is at least this
 _SIZE_SAMPLE = 64  # images read (headers decoded) to estimate the typical size
 
 
@@ -103,7 +107,7 @@ def default_recipe(
     large = side >= 256
     # tiles: the model's input IS the tile (stations and `evaluate --tile-scale` cut at it)
     tile = side if tiles and side > 0 else None
-    cpu_input = tile or 160
+    cpu_input = tile or (LARGE_CPU_INPUT if side >= LARGE_CPU_INPUT else 160)
     if cuda:
         model = {
             "backbone": "tf_efficientnet_lite2",
