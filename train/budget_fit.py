@@ -212,6 +212,7 @@ def fit_budget(tr: Trainer) -> Path:
         if n == 0 and not stop:
             stop = True  # an empty loader never advances the clock enough: do not spin
         run.epoch += 1
+    reserve_s, closing_from = clock.reserve(), clock.elapsed()
     if tr.dist.main:
         with _all_cores(tr):
             run.evaluate()  # the end of the budget is always a candidate
@@ -223,6 +224,11 @@ def fit_budget(tr: Trainer) -> Path:
         tr.wall_time = clock.elapsed()
         tr.metrics = run.metrics()
         tr.metrics["wall_time_s"] = round(tr.wall_time, 2)
+        # what was kept for the work after the last step, and what it took
+        tr.metrics["closing"] = {
+            "reserve_s": round(reserve_s, 2),
+            "took_s": round(tr.wall_time - closing_from, 2),
+        }
         tr.metrics["map_blur"] = blur
         tr.metrics["prompt_match"] = match
         save_checkpoint(out_dir / "final.pt", tr.payload(run.best_point.get("epoch", 0)))
