@@ -91,6 +91,28 @@ def build_random(
     }
 
 
+def int8_runners(built: dict, threads: int) -> dict[str, tuple[object, float]]:
+    """The INT8 IR with its own float-ops hint, and with the other one."""
+    from lineguard.runtime.engine import OpenVINORunner
+
+    d: Path = built["dir"]
+    mb = file_mb(
+        d / "prompt_encoder.xml",
+        d / "prompt_encoder.bin",
+        built["int8"],
+        built["int8"].with_suffix(".bin"),
+    )
+    ops = built["float_ops"]
+    other = "f32" if ops == "bf16" else "bf16"
+    return {
+        name: (
+            OpenVINORunner(d / "prompt_encoder.xml", built["int8"], "int8", threads, float_ops=f),
+            mb,
+        )
+        for name, f in (("openvino-int8", ops), (f"openvino-int8-{other}-float-ops", other))
+    }
+
+
 def onnxruntime_int8(work: Path, items: list[dict]) -> Path:
     """ONNX Runtime's own static INT8 (QDQ, per-channel weights) of the detector, to answer
     whether an ONNX Runtime INT8 path would be competitive with OpenVINO's."""
@@ -117,16 +139,24 @@ def onnxruntime_int8(work: Path, items: list[dict]) -> Path:
     return out
 
 
+def shipped(card) -> str:
+    """What a station runs by default: the INT8 rung its gate kept (the ladder's method text),
+    else FP32 (no INT8 in the artifact: none made, or every rung refused)."""
+    if "int8" in card.precisions:
+        return f"int8: {card.precisions['int8'].method.split('; tried')[0]}"
+    return "fp32: the artifact has no INT8 model"
+
+
 def from_artifact(artifact: Path) -> dict:
-    """A real artifact (with INT8) and the PyTorch model of its checkpoint."""
+    """A real artifact and the PyTorch model of its checkpoint; its INT8 engines only where it
+    has an INT8 model."""
     import torch
 
     from lineguard.compress.checkpoint import load_checkpoint
     from lineguard.runtime.artifact import load_card
 
     card = load_card(artifact)
-    if "int8" not in card.precisions:
-        raise SystemExit(f"{artifact}: no int8 model; run `lineguard quantize` first")
+    int8 = card.precisions.get("int8")
     ckpt = load_checkpoint(card.checkpoint)
     model = ckpt.build_model()
     state = Path(tempfile.mkdtemp(prefix="lat-")) / "state_dict.pt"
@@ -136,9 +166,10 @@ def from_artifact(artifact: Path) -> dict:
     return {
         "model": model,
         "dir": artifact,
-        "int8": artifact / card.precisions["int8"].files["detector"],
+        "int8": artifact / int8.files["detector"] if int8 else None,
         "prompt": np.ascontiguousarray(bgr[..., ::-1]),
-        "float_ops": card.precisions["int8"].float_ops,
+        "float_ops": int8.float_ops if int8 else None,
+        "shipped": shipped(card),
         "state": state,
         "norm": (n.image.center, n.image.scale, n.pixel.center, n.pixel.scale),
         "thresholds": (card.thresholds.image, card.thresholds.pixel),
@@ -182,22 +213,8 @@ def engines(built: dict, threads: int) -> dict[str, tuple[Callable, float]]:
             ),
         ),
     }
-    int8_mb = file_mb(
-        d / "prompt_encoder.xml",
-        d / "prompt_encoder.bin",
-        built["int8"],
-        built["int8"].with_suffix(".bin"),
-    )
-    ops = built["float_ops"]
-    runners["openvino-int8"] = (
-        OpenVINORunner(d / "prompt_encoder.xml", built["int8"], "int8", threads, float_ops=ops),
-        int8_mb,
-    )
-    other = "f32" if ops == "bf16" else "bf16"
-    runners[f"openvino-int8-{other}-float-ops"] = (
-        OpenVINORunner(d / "prompt_encoder.xml", built["int8"], "int8", threads, float_ops=other),
-        int8_mb,
-    )
+    if built["int8"] is not None:
+        runners.update(int8_runners(built, threads))
     if built.get("ort_int8") is not None:
         runners["onnxruntime-int8"] = (
             OnnxRuntimeRunner(d / "prompt_encoder.onnx", built["ort_int8"], threads=threads),
@@ -205,7 +222,9 @@ def engines(built: dict, threads: int) -> dict[str, tuple[Callable, float]]:
         )
     for scheme, xml in built.get("int8_extra", {}).items():
         runners[f"openvino-int8-{scheme}"] = (
-            OpenVINORunner(d / "prompt_encoder.xml", xml, "int8", threads, float_ops=ops),
+            OpenVINORunner(
+                d / "prompt_encoder.xml", xml, "int8", threads, float_ops=built["float_ops"]
+            ),
             file_mb(
                 d / "prompt_encoder.xml", d / "prompt_encoder.bin", xml, xml.with_suffix(".bin")
             ),
