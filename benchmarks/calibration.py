@@ -413,16 +413,18 @@ def main(argv: list[str] | None = None) -> int:
             scorers[cls] = StationScorer(cfg, engine=engine)
             bad[cls] = score_defects(scorers[cls], root, cls)
         if args.station_frames:
-            per_station, pooled = station_folds(scorers, bad, root, args)
+            per_station, per_fold = station_folds(scorers, bad, root, args)
+            pooled = [f and f.to_dict() for f in per_fold]
         else:
             cals = {cls: calibration_frames(scorers[cls], root, cls, args) for cls in classes}
-            pooled = _pool(cals, args)
+            proposal = _pool(cals, args)
+            pooled = proposal and proposal.to_dict()
             for cls in classes:
                 good = scorers[cls].score_all(
                     folder_frames(root / cls / "test" / "good"), False, f"{cls} test/good"
                 )
                 per_station[cls] = evaluate_class(
-                    scorers[cls], cls, cals[cls], pooled, good, bad[cls], args
+                    scorers[cls], cls, cals[cls], proposal, good, bad[cls], args
                 )
         for cls in classes:
             r = per_station[cls] = {**per_station[cls], "prompt": prompts[cls]}
@@ -456,11 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 (args.artifact / "model.json").read_bytes()
             ).hexdigest(),
         },
-        "pooled": (
-            [f and f.to_dict() for f in pooled]
-            if isinstance(pooled, list)
-            else pooled and pooled.to_dict()
-        ),
+        "pooled": pooled,
         "engine": args.engine,
         "precision": precision,
         "seconds": round(time.time() - started, 1),
