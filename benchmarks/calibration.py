@@ -77,12 +77,11 @@ def _prompt(artifact: Path, card: Any, root: Path, cls: str) -> tuple[Path, str]
     return first, "first train/good image"
 
 
-def _held_out_folders(ckpt_path: Path, data: Path) -> dict[str, Path]:
-    """Per class, a temporary folder linking the checkpoint's validation images (held out)."""
+def _held_out_folders(ckpt_path: Path, data: Path, tmp: Path) -> dict[str, Path]:
+    """Per class, a folder under `tmp` linking the checkpoint's validation images (held out)."""
     import torch
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    tmp = Path(tempfile.mkdtemp(prefix="lineguard-heldout-"))
     out: dict[str, Path] = {}
     for key in ckpt["split"]["val"]:
         dataset, rel = key.split("/", 1)
@@ -222,14 +221,13 @@ def _same_distribution(calib: np.ndarray, test_good: np.ndarray) -> dict[str, An
     }
 
 
-def _halves(root: Path, cls: str, seed: int) -> list[Path]:
-    """A class's test/good split at random into two halves (seeded per class), each a temporary
-    folder of links, as two batches of frames a station's camera would capture."""
+def _halves(root: Path, cls: str, seed: int, tmp: Path) -> list[Path]:
+    """A class's test/good split at random into two halves (seeded per class), each a folder of
+    links under `tmp`, as two batches of frames a station's camera would capture."""
     good = sorted(p for p in (root / cls / "test" / "good").iterdir() if p.is_file())
     if len(good) < 2:
         raise SystemExit(f"{cls}: --station-frames needs at least 2 test/good images")
     order = np.random.default_rng([seed, zlib.crc32(cls.encode())]).permutation(len(good))
-    tmp = Path(tempfile.mkdtemp(prefix="lineguard-station-"))
     folders = []
     for half, idx in enumerate((order[: len(good) // 2], order[len(good) // 2 :])):
         folder = tmp / cls / f"half{half}"
@@ -271,7 +269,7 @@ def station_folds(
     for cls, scorer in scorers.items():
         halves[cls] = [
             scorer.score_all(folder_frames(d), True, f"{cls} station frames, half {h}")
-            for h, d in enumerate(_halves(root, cls, args.seed))
+            for h, d in enumerate(_halves(root, cls, args.seed, args.tmp))
         ]
         if min(len(h) for h in halves[cls]) < MIN_SCORES:  # pooled, as --held-out pools
             seen[cls] = scorer.score_all(
@@ -383,8 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.station_frames and args.held_out:
         p.error("--station-frames and --held-out are two different calibration sources")
     args.artifact = args.artifact.absolute()
+    args.argv = argv
+    with tempfile.TemporaryDirectory(prefix="lineguard-calibration-") as tmp:
+        args.tmp = Path(tmp)  # the frame links of --held-out and --station-frames
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     held_out_from = args.held_out
-    args.held_out = _held_out_folders(args.held_out, args.data) if args.held_out else {}
+    args.held_out = _held_out_folders(args.held_out, args.data, args.tmp) if args.held_out else {}
 
     from lineguard.runtime.artifact import load_card
     from lineguard.runtime.calibration.scoring import StationScorer, folder_frames
@@ -442,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "command": "python benchmarks/calibration.py "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
         "target_far": args.target_far,
         "per_station": per_station,
         "mean": {"test_fpr": mean("test_fpr"), "test_recall": mean("test_recall")},

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += bench_size(built, size, args)
         finally:
             shutil.rmtree(built["state"].parent, ignore_errors=True)
-        model_desc = f"artifact {args.artifact.name}; a station runs {built['shipped']}"
+        model_desc = f"the artifact at {args.artifact}; a station runs {built['shipped']}"
     else:
         for size in args.sizes:
             with tempfile.TemporaryDirectory(prefix=f"lat{size}-") as tmp:

@@ -22,6 +22,7 @@ def test_edge_latency_times_an_fp32_only_artifact_and_names_what_ships(artifact,
     engines = {r["engine"] for r in result["rows"]}
     assert {"pytorch-fp32", "openvino-fp32", "onnxruntime-fp32"} <= engines
     assert not any("int8" in e for e in engines)
+    assert result["model"].startswith(f"the artifact at {artifact};")
     assert "a station runs fp32: the artifact has no INT8 model" in result["model"]
     assert all(r["p50_ms"] > 0 for r in result["rows"])
     assert result["targets"] == {}  # the INT8 targets do not apply

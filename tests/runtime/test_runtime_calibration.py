@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -432,8 +433,14 @@ def test_calibration_benchmark_pools_stations_with_few_held_out_frames(tmp_path)
     script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
     cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
     cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--held-out", str(ckpt)]
-    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    scratch = tmp_path / "scratch"  # its TMPDIR: the frame links must not outlive the run
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    run = subprocess.run(
+        [*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not list(scratch.glob("lineguard-*"))
     result = json.loads(out.read_text())
     pooled = result["pooled"]
     assert pooled["z"]["n"] == 24 and pooled["frames"] == {"widget": 12, "gadget": 12}
@@ -461,8 +468,14 @@ def test_calibration_benchmark_station_frames_never_judges_a_frame_it_was_fitted
     script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
     cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
     cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--station-frames"]
-    run = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    scratch = tmp_path / "scratch"  # its TMPDIR: the halves' links must not outlive the run
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    run = subprocess.run(
+        [*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert not list(scratch.glob("lineguard-*"))
     result = json.loads(out.read_text())
     assert result["calibration_frames"].startswith("station frames")
     assert len(result["pooled"]) == 2  # one pooled fit per fold: gadget and gizmo, 12 + 12
