@@ -295,3 +295,28 @@ def test_recalibrate_reproduces_and_repairs_the_calibration(trained, tmp_path, c
     assert float(fixed["state_dict"]["fusion_scale"]) == pytest.approx(
         float(ckpt["state_dict"]["fusion_scale"])
     )
+
+
+def test_score_pool_benchmark_reproduces_the_judge_at_the_shipped_pool(trained, tmp_path) -> None:
+    """benchmarks/score_pool.py re-draws the checkpoint's validation defects and scores them as
+    the model ships: at the shipped pool its judge figure is the one training recorded."""
+    import importlib.util
+    import json
+
+    _, final, _ = trained
+    path = Path(__file__).parents[2] / "benchmarks" / "score_pool.py"
+    spec = importlib.util.spec_from_file_location("score_pool", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "score_pool.json"
+    assert mod.main(["--checkpoint", str(final), "--pools", "1", "4", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["shipped_pool"] == 8 and result["validation_prefers"] in (1, 4, 8)
+    judge = result["validation"]["judge (held out, never trained on)"]
+    match = read_checkpoint(final)["metrics"]["prompt_match"]
+    tried = match["tried"].get(str(match["zoom"]), {}).get(f"{match['weight']:g}")
+    tried = tried or next(iter(match["tried"].values()))[f"{match['weight']:g}"]
+    assert judge["8"] == pytest.approx(tried["val_synthetic_image_auroc"], abs=1e-9)
+    for row in result["validation"].values():
+        assert set(row) == {"1", "4", "8"} and all(0.0 <= v <= 1.0 for v in row.values())
+    assert "test_for_the_report_only" not in result  # only with --report-test
