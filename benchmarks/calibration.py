@@ -381,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.station_frames and args.held_out:
         p.error("--station-frames and --held-out are two different calibration sources")
     args.artifact = args.artifact.absolute()
-    args.argv = argv
+    args.command = "python benchmarks/calibration.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     with tempfile.TemporaryDirectory(prefix="lineguard-calibration-") as tmp:
         args.tmp = Path(tmp)  # the frame links of --held-out and --station-frames
         return _run(args)
@@ -446,8 +448,7 @@ def _run(args: argparse.Namespace) -> int:
         return float(np.mean(vals)) if vals else None
 
     result = {
-        "command": "python benchmarks/calibration.py "
-        + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+        "command": args.command,
         "target_far": args.target_far,
         "per_station": per_station,
         "mean": {"test_fpr": mean("test_fpr"), "test_recall": mean("test_recall")},

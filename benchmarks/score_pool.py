@@ -30,13 +30,16 @@ POOLS = (1, 4, 6, 8, 12, 16, 24, 32)
 
 
 def pooled_aurocs(model, maps: np.ndarray, labels: np.ndarray, pools) -> dict[str, float]:
-    """Image AUROC of ``maps`` (N×H×W, shipped maps) at each pool size."""
+    """Image AUROC of ``maps`` (N×H×W, shipped maps) at each pool size; the model keeps its own."""
     from lineguard.train.calibration import image_scores
 
-    out = {}
-    for pool in pools:
-        model.cfg.score_pool = int(pool)
-        out[str(pool)] = float(roc_auc_score(labels, image_scores(model, maps)))
+    out, shipped = {}, model.cfg.score_pool
+    try:
+        for pool in pools:
+            model.cfg.score_pool = int(pool)
+            out[str(pool)] = float(roc_auc_score(labels, image_scores(model, maps)))
+    finally:
+        model.cfg.score_pool = shipped
     return out
 
 
@@ -117,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_test is not None:
             maps, labels = test_maps(model, ckpt, args.report_test, model.cfg.input_size, "cpu")
             result["test_for_the_report_only"] = pooled_aurocs(model, maps, labels, args.pools)
-    model.cfg.score_pool = shipped_pool
     result["validation_mean"] = {
         str(k): float(np.mean([v[str(k)] for v in result["validation"].values()]))
         for k in args.pools

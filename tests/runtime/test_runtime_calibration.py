@@ -384,6 +384,14 @@ def test_calibration_modules_import_no_torch_sklearn_scipy_or_matplotlib():
 # ---------------------------------------------------------------------------- benchmark
 
 
+def _run_with_own_tmpdir(cmd: list[str], tmp_path: Path):
+    """Run the benchmark with a private TMPDIR, to see that its frame links do not outlive it."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env), scratch
+
+
 def test_calibration_benchmark_on_a_tiny_dataset(tmp_path):
     """benchmarks/calibration.py end to end: one station per class, thresholds from train/good
     only, FPR on test/good and recall on the defect folders, in the issue's result format."""
@@ -433,12 +441,7 @@ def test_calibration_benchmark_pools_stations_with_few_held_out_frames(tmp_path)
     script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
     cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
     cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--held-out", str(ckpt)]
-    scratch = tmp_path / "scratch"  # its TMPDIR: the frame links must not outlive the run
-    scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch)}
-    run = subprocess.run(
-        [*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env
-    )
+    run, scratch = _run_with_own_tmpdir([*cmd, "--out", str(out)], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not list(scratch.glob("lineguard-*"))
     result = json.loads(out.read_text())
@@ -468,12 +471,7 @@ def test_calibration_benchmark_station_frames_never_judges_a_frame_it_was_fitted
     script = Path(__file__).parents[2] / "benchmarks" / "calibration.py"
     cmd = [sys.executable, str(script), "--artifact", str(art), "--data", str(tmp_path / "data")]
     cmd += ["--dataset", "tiny", "--engine", "onnxruntime", "--station-frames"]
-    scratch = tmp_path / "scratch"  # its TMPDIR: the halves' links must not outlive the run
-    scratch.mkdir()
-    env = {**os.environ, "TMPDIR": str(scratch)}
-    run = subprocess.run(
-        [*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, env=env
-    )
+    run, scratch = _run_with_own_tmpdir([*cmd, "--out", str(out)], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not list(scratch.glob("lineguard-*"))
     result = json.loads(out.read_text())
