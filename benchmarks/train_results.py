@@ -105,6 +105,7 @@ def main() -> None:
                 for k in (
                     "wall_s",
                     "step",
+                    "weights",
                     "val_proxy",
                     "val_synthetic_image_auroc",
                     "val_synthetic_pixel_ap",

@@ -2,8 +2,9 @@
 
 Everything from the feature cache on counts against the budget, proxy evaluations included, so
 ``wall_time_s <= budget_s`` holds for the whole run. The lr follows the budget (see
-:mod:`lineguard.train.budget`); every proxy evaluation adds a point ``{wall_s, val_proxy, ...}``
-to the curve, and the weights with the best proxy so far are written to ``best.pt`` at once (a
+:mod:`lineguard.train.budget`); every proxy evaluation scores the raw weights and their running
+average (:mod:`lineguard.train.weight_average`), each a point ``{wall_s, weights, val_proxy, ...}``
+of the curve, and the weights with the best proxy so far are written to ``best.pt`` at once (a
 crash keeps the best model). At the end they become ``final.pt``, whose metrics hold the budget,
 the wall time and the whole curve. Under ``torchrun`` rank 0's clock decides for every rank.
 """
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from lineguard.train.budget import BudgetClock
 from lineguard.train.checkpoint import save_checkpoint
 from lineguard.train.proxy import BLUR_SIGMAS, MATCH_WEIGHTS, MATCH_ZOOMS
+from lineguard.train.weight_average import WeightAverage
 
 if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
@@ -71,12 +73,17 @@ class _Run:
         cfg = tr.cfg
         assert cfg.budget is not None
         self.tr = tr
+        # rank 0 alone evaluates, so it alone keeps the average
+        self.average = (
+            WeightAverage(tr.model, cfg.ema_decay) if cfg.ema_decay > 0 and tr.dist.main else None
+        )
         self.clock = BudgetClock(
             cfg.budget,
             cfg.warmup_fraction,
             cfg.min_lr_fraction,
             cfg.proxy_evals,
-            closing_evals=closing_evaluations(),
+            # the last evaluation scores the average too
+            closing_evals=closing_evaluations() + (self.average is not None),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -89,18 +96,30 @@ class _Run:
         self.load_start = round(os.getloadavg()[0], 2)
 
     def evaluate(self) -> None:
-        """Proxy + calibration now; keep (and write) the weights if they are the best yet."""
+        """Proxy + calibration of the raw weights and, if kept, of their running average;
+        keep (and write) whichever is the best yet."""
         tr = self.tr
         tr.val_defects()  # drawn once, at the first evaluation: not a cost of every one
         tr.judge_defects()  # ... and so are the closing match choice's (untimed in the reserve)
+        self._candidate("raw")
+        if self.average is not None and self.average.updates:
+            with self.average.swapped_in():
+                self._candidate("average")
+
+    def _candidate(self, weights: str) -> None:
+        """Score the model's weights as they are now; a curve point, and best.pt if best."""
+        tr = self.tr
         if tr.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         proxy = tr.evaluate_proxy()
+        # per candidate: the closing choices that the reserve is for score one set of weights
+        self.clock.record_eval(time.perf_counter() - t0)
         point = {
             "wall_s": round(self.clock.elapsed(), 2),
             "step": self.steps,
             "epoch": self.epoch,
+            "weights": weights,
             "lr": tr.optimizer.param_groups[0]["lr"],
             "loss": self.loss,
             "loadavg_1m": round(os.getloadavg()[0], 2),  # the machine's load with each figure
@@ -115,7 +134,6 @@ class _Run:
             self.best_state = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
             tr.metrics = self.metrics()
             save_checkpoint(Path(tr.cfg.out_dir) / "best.pt", tr.payload(self.epoch))
-        self.clock.record_eval(time.perf_counter() - t0)
 
     def metrics(self) -> dict:
         tr = self.tr
@@ -135,6 +153,7 @@ class _Run:
             },
             "device": str(tr.device),
             "processes": tr.dist.world,
+            "ema_decay": tr.cfg.ema_decay if self.average is not None else 0.0,
             "seconds_per_epoch": tr.wall_time / max(len(tr.history), 1),
             "run_wall_s": time.perf_counter() - tr.t_start,
             "history": tr.history,
@@ -174,6 +193,8 @@ def fit_budget(tr: Trainer) -> Path:
             for group in tr.optimizer.param_groups:
                 group["lr"] = lr
             sums += tr._step(step, batch, feats, images)
+            if run.average is not None:
+                run.average.update()
             n += 1
             run.steps += 1
             now = time.perf_counter()

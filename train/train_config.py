@@ -103,6 +103,14 @@ class TrainConfig(BaseModel):
     proxy_evals: int = Field(
         8, ge=1, title="budget mode: validation-proxy evaluations spread over the training span"
     )
+    ema_decay: float = Field(
+        0.999,
+        ge=0.0,
+        lt=1.0,
+        title="budget mode: decay of the weight average scored beside the raw weights (0 = off)",
+        description="At every proxy evaluation the running average of the weights is a second "
+        "candidate; the better of the two on the validation proxy is kept.",
+    )
     epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000; ignored with budget)")
     batch_size: int = Field(8, ge=1, title="normal images per process and step (spec: 8)")
     lr: float = Field(1e-4, gt=0.0, title="AdamW learning rate")

@@ -191,6 +191,11 @@ def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -
     assert len(curve) >= 3 and all(p["wall_s"] <= 20.0 for p in curve)
     proxies = [p["val_proxy"] for p in curve]
     assert all(0.0 <= p <= 1.0 for p in proxies)
+    # every evaluation scored the raw weights and their running average, side by side
+    assert [p["weights"] for p in curve[:2]] == ["raw", "average"]
+    assert {p["step"] for p in curve if p["weights"] == "raw"} == {
+        p["step"] for p in curve if p["weights"] == "average"
+    }
     assert m["val_proxy"] == max(proxies) == m["best"]["val_proxy"]
     # then the map smoothing was chosen on validation: the σ with the best proxy
     blur = m["map_blur"]
