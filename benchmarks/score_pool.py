@@ -60,17 +60,12 @@ def validation_maps(model, ckpt: dict, data, defects, device) -> tuple[np.ndarra
 
 def test_maps(model, ckpt: dict, root: Path, size: int, device) -> tuple[np.ndarray, np.ndarray]:
     """Shipped maps and labels of the test split (for the report only)."""
-    from lineguard.train.data import categories_of
-    from lineguard.train.evaluate import detect_all
+    from lineguard.train.evaluate import detect_all, fixed_prompt_pairs
     from lineguard.train.pack import open_data
-    from lineguard.train.prompts import fixed_prompts
 
     pack = open_data(root, size, None, progress=False)
     test = pack.select(lambda s: s.split == "test")
-    classes = categories_of(test.samples)
-    chosen = fixed_prompts(classes, pack.samples, pack.images, size, "fixed", ckpt["prompts"])
-    idx = {c: i for i, c in enumerate(classes)}
-    assign = np.array([idx[s.category] for s in test.samples])
+    classes, chosen, assign = fixed_prompt_pairs(pack, test, size, "fixed", ckpt["prompts"])
     maps, _ = detect_all(model, test.images, assign, [chosen[c][1] for c in classes], device)
     return maps, np.array([s.label for s in test.samples], float)
 

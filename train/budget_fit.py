@@ -2,11 +2,12 @@
 
 Everything from the feature cache on counts against the budget, proxy evaluations included, so
 ``wall_time_s <= budget_s`` holds for the whole run. The lr follows the budget (see
-:mod:`lineguard.train.budget`); every proxy evaluation scores the raw weights and their running
-average (:mod:`lineguard.train.weight_average`), each a point ``{wall_s, weights, val_proxy, ...}``
-of the curve, and the weights with the best proxy so far are written to ``best.pt`` at once (a
-crash keeps the best model). At the end they become ``final.pt``, whose metrics hold the budget,
-the wall time and the whole curve. Under ``torchrun`` rank 0's clock decides for every rank.
+:mod:`lineguard.train.budget`); every proxy evaluation scores the weights (and, with
+``ema_decay``, their running average: :mod:`lineguard.train.weight_average`), each a point
+``{wall_s, weights, val_proxy, ...}`` of the curve, and the weights with the best proxy so far
+are written to ``best.pt`` at once (a crash keeps the best model). At the end they become
+``final.pt``, whose metrics hold the budget, the wall time and the whole curve. Under
+``torchrun`` rank 0's clock decides for every rank.
 """
 
 from __future__ import annotations

@@ -24,9 +24,14 @@ if TYPE_CHECKING:
     from lineguard.train.train_config import TrainConfig
 
 
+def world_size() -> int:
+    """Ranks of the process group this process belongs to (1 outside torchrun / :func:`launch`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def inside_launcher() -> bool:
     """True in a rank started by torchrun or by :func:`launch` (do not launch again)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 def wants_processes(cfg: TrainConfig) -> bool:

@@ -107,6 +107,17 @@ def _load(checkpoint: str | Path | Mapping[str, Any], device: torch.device):
     return load_model(checkpoint, device)
 
 
+def fixed_prompt_pairs(
+    pack: Pack, test: Pack, size: int, prompt: str | None, stored: Mapping | None
+) -> tuple[list[str], dict[str, tuple[str, np.ndarray]], np.ndarray]:
+    """(classes of ``test``, each class's fixed prompt ``(path, image)``, each test image's
+    class index): how every test image is paired with its station's golden prompt."""
+    classes = categories_of(test.samples)
+    chosen = fixed_prompts(classes, pack.samples, pack.images, size, prompt, stored)
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, chosen, np.array([index[s.category] for s in test.samples])
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path | Mapping[str, Any] | None,
     data: str | Path | Sequence[str | Path] | Pack,
@@ -173,18 +184,13 @@ def evaluate_checkpoint(
     test = pack.select(lambda s: s.split == "test")
     if not len(test):
         raise LineGuardError("no test images in the data (expected <category>/test/<defect>)")
-    classes = categories_of(test.samples)
-    unknown = sorted(set(classes) - set(ckpt.get("classes", classes)))
-    if unknown:
-        log.warning("classes not in the checkpoint's training classes: %s", ", ".join(unknown))
-
     try:
-        chosen = fixed_prompts(
-            classes, pack.samples, pack.images, size, prompt, ckpt.get("prompts")
-        )
+        classes, chosen, truth = fixed_prompt_pairs(pack, test, size, prompt, ckpt.get("prompts"))
+        unknown = sorted(set(classes) - set(ckpt.get("classes", classes)))
+        if unknown:
+            log.warning("classes not in the checkpoint's training classes: %s", ", ".join(unknown))
         cls_index = {c: i for i, c in enumerate(classes)}
         prompt_imgs = [chosen[c][1] for c in classes]
-        truth = np.array([cls_index[s.category] for s in test.samples])
 
         maps, scores = detect_all(
             model,

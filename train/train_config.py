@@ -104,12 +104,13 @@ class TrainConfig(BaseModel):
         8, ge=1, title="budget mode: validation-proxy evaluations spread over the training span"
     )
     ema_decay: float = Field(
-        0.999,
+        0.0,
         ge=0.0,
         lt=1.0,
-        title="budget mode: decay of the weight average scored beside the raw weights (0 = off)",
-        description="At every proxy evaluation the running average of the weights is a second "
-        "candidate; the better of the two on the validation proxy is kept.",
+        title="budget mode: decay of a weight average scored beside the raw weights (0 = off)",
+        description="When on (e.g. 0.999), every proxy evaluation also scores the running "
+        "average of the weights and the better of the two on the validation proxy is kept. Off "
+        "by default: on mtd its best proxy stayed below the raw weights' (0.7336 vs 0.7355).",
     )
     epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000; ignored with budget)")
     batch_size: int = Field(8, ge=1, title="normal images per process and step (spec: 8)")

@@ -35,6 +35,7 @@ from lineguard.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from lineguard.train.cpu_parallel import world_size
 from lineguard.train.losses import onenip_loss
 from lineguard.train.proxy import (
     choose_map_blur,
@@ -68,8 +69,7 @@ class Dist:
 
 def init_distributed(device_kind: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world_size() <= 1:
         return Dist()
     if not dist.is_initialized():
         # rank 0 alone runs the proxy evaluations and the closing choices while the others

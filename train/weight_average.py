@@ -1,5 +1,6 @@
-"""An exponential moving average of the trained weights, a second candidate at every proxy
-evaluation of a budgeted run.
+"""An exponential moving average of the trained weights: with ``ema_decay`` set, a second
+candidate at every proxy evaluation of a budgeted run (off by default: on mtd it did not beat
+the raw weights on the validation proxy, 0.7336 vs 0.7355; docs/benchmarks.md).
 
 Why: a short budget ends while single steps still move the weights by noise (batch 4, 1.2 M
 head parameters); the average over the last ~1/(1-decay) steps is a smoother model at no
