@@ -330,3 +330,56 @@ def test_train_step_variants_times_the_default_step_on_generated_images(tmp_path
     assert row["mean_s"] == round(sum(row["seconds_per_step"]) / 2, 4)
     assert res["recipe"]["batch_size"] == 4 and res["recipe"]["backbone"].startswith("tf_")
     assert "compile_over_eager" not in res and res["command"].startswith("python benchmarks/")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_checkpoint_ranking_scores_every_evaluated_checkpoint_of_a_run(tmp_path: Path) -> None:
+    """A tiny budgeted run with `save_evaluations` (and the weight average on, so both kinds of
+    candidate are saved) leaves one checkpoint per curve point; the ranking benchmark gives each
+    the closing choices, tests it, and its in-training proxy picks the weights final.pt ships."""
+    import importlib.util
+
+    import torch
+    from synthetic_parts import THREADS, tiny_config
+
+    from lineguard.train.checkpoint import read_checkpoint
+    from lineguard.train.trainer import Trainer
+
+    torch.set_num_threads(THREADS)
+    data = _tiny_mvtec(tmp_path / "data", 64, 3)
+    cfg = tiny_config(
+        {"mvtec": [{"root": str(data)}]},
+        tmp_path / "run",
+        budget="15s",
+        proxy_evals=2,
+        val_min=4,
+        ema_decay=0.9,
+        save_evaluations=True,
+    )
+    final = Trainer(cfg, progress=False).fit()
+    curve = read_checkpoint(final)["metrics"]["curve"]
+    saved = sorted((tmp_path / "run" / "evaluations").glob("step*.pt"))
+    assert len(saved) == len(curve) >= 3
+    assert {p["weights"] for p in curve} == {"raw", "average"}
+
+    path = ROOT / "benchmarks" / "checkpoint_ranking.py"
+    spec = importlib.util.spec_from_file_location("checkpoint_ranking", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ranking.json"
+    args = ["--run", str(tmp_path / "run"), "--data", str(data), "--threads", str(THREADS)]
+    assert mod.main([*args, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["checkpoints"] == len(curve)
+    recorded = {(p["step"], p["weights"]): p["val_proxy"] for p in curve}
+    for row in res["rows"]:
+        assert row["validation"]["proxy_in_training"] == recorded[(row["step"], row["weights"])]
+        assert all(0.0 <= v <= 1.0 for v in row["test_for_the_report_only"].values())
+    picked = res["picked"]["proxy_in_training"]["checkpoint"]
+    shipped = read_checkpoint(final)["state_dict"]
+    same = read_checkpoint(tmp_path / "run" / "evaluations" / picked)["state_dict"]
+    for key, value in shipped.items():
+        if key not in ("fusion_scale", "match_scale"):  # re-measured after the closing choices
+            assert torch.equal(value, same[key]), key
+    assert set(res["spearman"]) == {"proxy_in_training", "proxy", "judge", "joint"}

@@ -127,6 +127,11 @@ class _Run:
             **proxy,
         }
         self.curve.append(point)
+        if tr.cfg.save_evaluations:  # every candidate, for studies of the proxy's ranking
+            saved = {**tr.payload(self.epoch), "metrics": {**proxy, "point": point}}
+            save_checkpoint(
+                Path(tr.cfg.out_dir) / "evaluations" / f"step{self.steps:06d}_{weights}.pt", saved
+            )
         value = proxy.get("val_proxy", -math.inf)
         if self.best_state is None or value > self.best_proxy:
             self.best_proxy = value

@@ -112,6 +112,12 @@ class TrainConfig(BaseModel):
         "average of the weights and the better of the two on the validation proxy is kept. Off "
         "by default: on mtd its best proxy stayed below the raw weights' (0.7336 vs 0.7355).",
     )
+    save_evaluations: bool = Field(
+        False,
+        title="budget mode: also write every evaluated checkpoint to OUT/evaluations/",
+        description="For studies of how the validation proxy ranks checkpoints "
+        "(benchmarks/checkpoint_ranking.py); final.pt is chosen the same way either way.",
+    )
     epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000; ignored with budget)")
     batch_size: int = Field(8, ge=1, title="normal images per process and step (spec: 8)")
     lr: float = Field(1e-4, gt=0.0, title="AdamW learning rate")
