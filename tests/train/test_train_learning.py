@@ -295,6 +295,13 @@ def test_recalibrate_reproduces_and_repairs_the_calibration(trained, tmp_path, c
     assert float(fixed["state_dict"]["fusion_scale"]) == pytest.approx(
         float(ckpt["state_dict"]["fusion_scale"])
     )
+    # the re-made choices are recorded as training records them: recipe_score ranks the
+    # smoothed proxy of the chosen σ, not the one measured before smoothing
+    from lineguard.train.proxy import recipe_score
+
+    blur = fixed["metrics"]["map_blur"]
+    assert blur["val_proxy"] == blur["tried"][f"{blur['sigma']:g}"]
+    assert recipe_score(fixed["metrics"])["proxy"] == blur["val_proxy"]["val_proxy"]
 
 
 def test_score_pool_benchmark_reproduces_the_judge_at_the_shipped_pool(trained, tmp_path) -> None:
