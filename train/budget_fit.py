@@ -97,7 +97,7 @@ class _Run:
         self.load_start = round(os.getloadavg()[0], 2)
 
     def evaluate(self) -> None:
-        """Proxy + calibration of the raw weights and, if kept, of their running average;
+        """Proxy + calibration of the raw weights and, if on, of their running average;
         keep (and write) whichever is the best yet."""
         tr = self.tr
         tr.val_defects()  # drawn once, at the first evaluation: not a cost of every one
@@ -159,7 +159,6 @@ class _Run:
             },
             "device": str(tr.device),
             "processes": tr.dist.world,
-            "ema_decay": tr.cfg.ema_decay if self.average is not None else 0.0,
             "seconds_per_epoch": tr.wall_time / max(len(tr.history), 1),
             "run_wall_s": time.perf_counter() - tr.t_start,
             "history": tr.history,

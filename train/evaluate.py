@@ -189,7 +189,6 @@ def evaluate_checkpoint(
         unknown = sorted(set(classes) - set(ckpt.get("classes", classes)))
         if unknown:
             log.warning("classes not in the checkpoint's training classes: %s", ", ".join(unknown))
-        cls_index = {c: i for i, c in enumerate(classes)}
         prompt_imgs = [chosen[c][1] for c in classes]
 
         maps, scores = detect_all(
@@ -264,7 +263,7 @@ def evaluate_checkpoint(
                 "mean": mean_metrics(rc),
                 "per_class": rc,
                 "accuracy_per_class": {
-                    c: float(correct[truth == i].mean()) for c, i in cls_index.items()
+                    c: float(correct[truth == i].mean()) for i, c in enumerate(classes)
                 },
             }
     finally:

@@ -108,9 +108,10 @@ def choose_map_blur(
     defects: tuple[np.ndarray, np.ndarray, np.ndarray],
     device,
     sigmas: tuple[float, ...] = BLUR_SIGMAS,
-) -> tuple[dict[str, float], dict, dict[str, dict[str, float]]]:
+) -> tuple[dict, dict]:
     """Pick the map smoothing with the best validation proxy and leave the model calibrated
-    with it. Returns (its proxy, its calibration, the proxy of every σ tried).
+    with it. Returns (the record a checkpoint keeps as ``metrics["map_blur"]``: ``sigma``, its
+    ``val_proxy`` and the proxy of every σ ``tried``; its calibration).
 
     Why on validation: a Gaussian on the maps (anomalib's PatchCore and PaDiM smooth with σ 4
     at 256 px) helps where defects are blobs and can hurt specks; the data says which.
@@ -129,7 +130,7 @@ def choose_map_blur(
     model.set_map_blur(sigma)
     model.fusion_scale.fill_(calib["fusion_scale"])
     calib = {**calib, "map_blur_sigma": sigma}
-    return proxy, calib, tried
+    return {"sigma": model.cfg.map_blur_sigma, "val_proxy": proxy, "tried": tried}, calib
 
 
 def judge_validation(data: TrainingData, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

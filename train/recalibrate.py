@@ -57,14 +57,8 @@ def recalibrate(
     ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
     if source == "val" and choose_blur:
         defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
-        proxy, _, tried = choose_map_blur(model, td, defects, device)
-        # the same record as training's, so recipe_score reads the smoothed proxy, not the
-        # in-training one
-        ckpt["metrics"]["map_blur"] = {
-            "sigma": model.cfg.map_blur_sigma,
-            "val_proxy": proxy,
-            "tried": tried,
-        }
+        # the record training keeps, so recipe_score reads the smoothed proxy
+        ckpt["metrics"]["map_blur"], _ = choose_map_blur(model, td, defects, device)
         judge = judge_validation(td, cfg.seed)
         ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, judge)
         chosen = {

@@ -350,10 +350,10 @@ class Trainer:
 
     def choose_map_blur(self) -> dict:
         """Pick the map smoothing on validation (:func:`choose_map_blur`); calibrates with it."""
-        proxy, self.calibration, tried = choose_map_blur(
+        record, self.calibration = choose_map_blur(
             self.model, self.data, self.val_defects(), self.device
         )
-        return {"sigma": self.model.cfg.map_blur_sigma, "val_proxy": proxy, "tried": tried}
+        return record
 
     def choose_match(self) -> dict:
         """Pick the prompt-match share on held-out judge defects, then recalibrate with it."""

@@ -29,7 +29,6 @@ class WeightAverage:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().clone() for p in self.params]
 
