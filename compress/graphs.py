@@ -70,9 +70,12 @@ class MatrixUpsample(nn.Module):
 
 def upsample_pairs(model: OneNIP) -> list[tuple[int, int]]:
     """Every resize the model's graphs make: both maps to the input, and with a zoomed prompt
-    match the input up to the match's size and the match back down to the input."""
+    match the input up to the match's size and the match back down to the input; the normal
+    statistics' stride-8 map to the input."""
     size, grid = model.cfg.input_size, model.cfg.grid
     pairs = [(grid, size), (4 * grid, size)]
+    if model.uses_stats:
+        pairs.append((2 * grid, size))
     if model.cfg.match_zoom > 1:
         pairs += [(size, model.match_size), (model.match_grid, size)]
     return pairs

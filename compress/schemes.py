@@ -14,7 +14,8 @@ stayed within budget in all three. The INT8 gate picks the first rung that passe
 
 In every rung the map's resize to the input (`MatrixUpsample`: constant matrix products after the
 refiner and after the L2 error) stays float: it costs ~0.05 ms, and 8-bit logits would put a
-visible step into the map right where the sigmoid is steepest.
+visible step into the map right where the sigmoid is steepest. So does the normal statistics'
+quadratic form (`stats_matmuls`).
 """
 
 from __future__ import annotations
@@ -63,13 +64,38 @@ def resize_matmuls(model: Any) -> list[str]:
     ]
 
 
+def _constant_source(output: Any) -> bool:
+    """The output comes from a Constant (through a Convert, as compressed weights do)."""
+    node = output.get_node()
+    if node.get_type_name() == "Convert":
+        node = node.input(0).get_source_output().get_node()
+    return node.get_type_name() == "Constant"
+
+
+def stats_matmuls(model: Any) -> list[str]:
+    """The normal statistics' batched quadratic form (train/normal_stats.py): MatMuls with a
+    3-D constant operand, one precision matrix per position. It stays float in every rung: the
+    Mahalanobis distance is a small difference of large descriptors, amplified by the precision,
+    which 8 bits would drown."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        for inp in op.inputs():
+            src = inp.get_source_output()
+            if _constant_source(src) and src.get_partial_shape().rank.get_length() == 3:
+                out.append(op.get_friendly_name())
+                break
+    return out
+
+
 def ignored_scope(model: Any, scheme: str) -> Any:
     """The NNCF IgnoredScope for `scheme` on the detector `model`."""
     import nncf
 
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}; choose from {SCHEMES}")
-    names = resize_matmuls(model)
+    names = resize_matmuls(model) + stats_matmuls(model)
     if scheme == "full":
         return nncf.IgnoredScope(names=names)
     size = model.input("image").get_partial_shape()[1].get_length()

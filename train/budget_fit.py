@@ -33,15 +33,21 @@ if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
 
 
+#: the normal statistics' closing work in proxy evaluations: their fit (one backbone pass over
+#: the training images, ~9× the validation images but backbone only: about 2) and their choice
+#: (one judge pass: 1)
+STATS_EVALS = 3
+
+
 def closing_evaluations() -> int:
     """The work after the last step, in proxy evaluations: the final proxy, one per map blur
     tried, then the prompt-match choice, which scores the judge set once per zoom (an upsampled
     backbone pass costs up to zoom² a plain one) and measures every share tried (the measuring
     is most of an evaluation where the validation set is large, e.g. tiles): the larger of the
-    two counts."""
+    two counts; then the normal statistics (``STATS_EVALS``)."""
     passes = sum(z * z for z in MATCH_ZOOMS)
     tries = len(MATCH_WEIGHTS) + (len(MATCH_ZOOMS) - 1) * (len(MATCH_WEIGHTS) - 1)
-    return 1 + len(BLUR_SIGMAS) + max(passes, tries)
+    return 1 + len(BLUR_SIGMAS) + max(passes, tries) + STATS_EVALS
 
 
 @contextmanager
@@ -247,6 +253,7 @@ def fit_budget(tr: Trainer) -> Path:
             tr.calibration = run.best_calibration
             blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
             match = tr.choose_match()  # on held-out judge defects; inside the budget too
+            stats = tr.choose_stats()  # one pass over the training images, then the judge
         tr.wall_time = clock.elapsed()
         tr.metrics = run.metrics()
         tr.metrics["wall_time_s"] = round(tr.wall_time, 2)
@@ -257,6 +264,7 @@ def fit_budget(tr: Trainer) -> Path:
         }
         tr.metrics["map_blur"] = blur
         tr.metrics["prompt_match"] = match
+        tr.metrics["normal_stats"] = stats
         save_checkpoint(out_dir / "final.pt", tr.payload(run.best_point.get("epoch", 0)))
     bar.n = bar.total
     bar.close()

@@ -103,22 +103,79 @@ def blend(learned: np.ndarray, match: np.ndarray, weight: float, k: float) -> np
     return (1.0 - weight) * learned + weight * k * match
 
 
+@torch.no_grad()
+def stats_parts(
+    model: OneNIP, images: np.ndarray, device: torch.device | str, batch_size: int = 16
+) -> np.ndarray:
+    """G, the normal statistics' map (:mod:`lineguard.train.normal_stats`), float32 ``N×H×W``;
+    it does not depend on the prompt."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(images), images.shape[1], images.shape[2]), np.float32)
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start : start + batch_size], device)
+        out[start : start + len(x)] = model.stats_map(model.taps(x))[:, 0].float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
 def image_scores(model: OneNIP, amap: np.ndarray) -> np.ndarray:
     """Image scores of ``N×H×W`` maps by the model's own pooling rule."""
     with torch.no_grad():
         return model.image_score(torch.from_numpy(amap[:, None])).numpy()
 
 
-def fused(
+def prompt_map(
     model: OneNIP, s_rec: np.ndarray, m_hat: np.ndarray, match: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Fused maps and image scores exactly as :meth:`OneNIP.detect` computes them."""
+) -> np.ndarray:
+    """The map before the normal statistics: the learned map, blended with the prompt match
+    when the model uses it."""
     amap = learned_map(model, s_rec, m_hat)
     if model.uses_match:
         if match is None:
             raise ValueError("the model fuses the prompt match but no match map was scored")
         amap = blend(amap, match, model.cfg.match_weight, float(model.match_scale))
+    return amap
+
+
+def fused(
+    model: OneNIP,
+    s_rec: np.ndarray,
+    m_hat: np.ndarray,
+    match: np.ndarray | None = None,
+    stats: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fused maps and image scores exactly as :meth:`OneNIP.detect` computes them."""
+    amap = prompt_map(model, s_rec, m_hat, match)
+    if model.uses_stats:
+        if stats is None:
+            raise ValueError("the model fuses the normal statistics but their map was not scored")
+        amap = blend(amap, stats, model.cfg.stats_weight, float(model.stats_scale))
     return amap, image_scores(model, amap)
+
+
+def measure_scales(
+    model: OneNIP,
+    s_rec: np.ndarray,
+    m_hat: np.ndarray,
+    match: np.ndarray | None,
+    stats: np.ndarray | None,
+) -> None:
+    """Set c, k and k_g from the maps of NORMAL images, each step of the fusion in turn."""
+    model.fusion_scale.fill_(fusion_scale(s_rec, m_hat))
+    if match is not None:
+        model.match_scale.fill_(match_scale(learned_map(model, s_rec, m_hat), match))
+    if stats is not None:
+        model.stats_scale.fill_(match_scale(prompt_map(model, s_rec, m_hat, match), stats))
+
+
+def scales(model: OneNIP) -> dict[str, float]:
+    """The fusion's scales as a calibration records them."""
+    return {
+        "fusion_scale": float(model.fusion_scale),
+        "match_scale": float(model.match_scale),
+        "stats_scale": float(model.stats_scale),
+    }
 
 
 def _robust(values: np.ndarray) -> dict[str, float]:
@@ -146,13 +203,10 @@ def calibrate(
     source: str = "val",
     batch_size: int = 16,
 ) -> dict:
-    """Measure c, store it in ``model.fusion_scale``, and return the normalisation dict."""
+    """Measure c (and k, k_g where those maps are used), store them in the model, and return
+    the normalisation dict."""
     s_rec, m_hat, match = score_parts(model, images, labels, prompts, device, batch_size)
-    model.fusion_scale.fill_(fusion_scale(s_rec, m_hat))
-    if match is not None:
-        model.match_scale.fill_(match_scale(learned_map(model, s_rec, m_hat), match))
-    amap, scores = fused(model, s_rec, m_hat, match)
-    out = normalisation(scores, amap, source)
-    out["fusion_scale"] = float(model.fusion_scale)
-    out["match_scale"] = float(model.match_scale)
-    return out
+    stats = stats_parts(model, images, device, batch_size) if model.uses_stats else None
+    measure_scales(model, s_rec, m_hat, match, stats)
+    amap, scores = fused(model, s_rec, m_hat, match, stats)
+    return {**normalisation(scores, amap, source), **scales(model)}

@@ -105,12 +105,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser(
         "recalibrate",
-        help="re-choose a checkpoint's map smoothing and prompt-match share and re-measure its "
-        "fusion scales and score normalisation on validation data (no training)",
+        help="re-choose a checkpoint's map smoothing, prompt-match share and normal statistics "
+        "and re-measure its fusion scales and score normalisation on validation data (no "
+        "training)",
         description=(
             "Rebuild the checkpoint's normal validation split from its own recipe, choose the map "
             "smoothing (Gaussian σ) by the validation proxy and the share of the training-free "
-            "prompt match on held-out validation defects, re-measure the map-fusion scales "
+            "prompt match on held-out validation defects, fit the normal statistics on the "
+            "training split and choose their share the same way, re-measure the map-fusion scales "
             "and the score normalisation on it with the golden prompts, and "
             "write the checkpoint again (atomically). For checkpoints from an older calibration "
             "rule. The data must be the data it was trained on (same fingerprint)."

@@ -14,6 +14,7 @@ proxy = mean of the image AUROC (normal vs defective) and the pixel AP of the sy
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # imported here, not lazily: its first import (~1 s) would count as the cost of an evaluation
 # in the budget's reserve
@@ -22,12 +23,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from lineguard.train.calibration import (
     blend,
     fused,
-    fusion_scale,
     image_scores,
     learned_map,
     match_scale,
+    measure_scales,
     normalisation,
+    prompt_map,
+    scales,
     score_parts,
+    stats_parts,
 )
 from lineguard.train.judge_defects import JudgeDefects
 from lineguard.train.torch_model import OneNIP
@@ -70,14 +74,17 @@ def proxy_and_calibration(
     s_rec, m_hat, match = score_parts(
         model, both, np.concatenate([labels, bad_labels]), prompts, device
     )
+    stats = stats_parts(model, both, device) if model.uses_stats else None
     n = len(normal)
-    model.fusion_scale.fill_(fusion_scale(s_rec[:n], m_hat[:n]))
-    if match is not None:
-        model.match_scale.fill_(match_scale(learned_map(model, s_rec[:n], m_hat[:n]), match[:n]))
-    amap, scores = fused(model, s_rec, m_hat, match)
-    calib = normalisation(scores[:n], amap[:n], source)
-    calib["fusion_scale"] = float(model.fusion_scale)
-    calib["match_scale"] = float(model.match_scale)
+    measure_scales(
+        model,
+        s_rec[:n],
+        m_hat[:n],
+        None if match is None else match[:n],
+        None if stats is None else stats[:n],
+    )
+    amap, scores = fused(model, s_rec, m_hat, match, stats)
+    calib = {**normalisation(scores[:n], amap[:n], source), **scales(model)}
     if len(bad) == 0 or source != "val":
         return {}, calib
     return separation(scores, amap, n, masks), calib
@@ -195,12 +202,63 @@ def choose_match_weight(
     model.cfg.match_weight = float(w)
     model.cfg.match_zoom = int(zoom) if w > 0 else 1
     model.match_scale.fill_(k)
-    calib = normalisation(scores[:n], amap[:n], "val")
-    calib.update(fusion_scale=float(model.fusion_scale), match_scale=k)
+    calib = {**normalisation(scores[:n], amap[:n], "val"), **scales(model)}
     info = {
         "weight": float(w),
         "zoom": model.cfg.match_zoom,
         "match_scale": k,
+        "judge": "held-out defect family (train/judge_defects.py), never trained on",
+        "tried": tried,
+    }
+    return info, calib
+
+
+#: shares of the normal statistics tried; the first best wins ties (none first)
+STATS_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+
+
+def choose_stats_weight(
+    model: OneNIP,
+    data: TrainingData,
+    device,
+    judge: tuple[np.ndarray, np.ndarray, np.ndarray],
+    weights: tuple[float, ...] = STATS_WEIGHTS,
+) -> tuple[dict, dict]:
+    """Pick the share of the normal statistics (:mod:`lineguard.train.normal_stats`, fitted
+    already) on the HELD-OUT judge defects, after :func:`choose_match_weight` (whose choice it
+    keeps), and set k_g. Returns (what was tried, the calibration of the final map). A share of
+    0 drops the statistics from the model, so the exported detector does not carry them.
+    """
+    normal, labels = data.val_images, data.val_labels
+    if len(normal) == 0:
+        raise ValueError("choosing the normal statistics' share needs validation images")
+    model.cfg.stats_weight = 0.0
+    bad, masks, bad_labels = judge
+    both = np.concatenate([normal, bad])
+    s_rec, m_hat, match = score_parts(
+        model, both, np.concatenate([labels, bad_labels]), data.prompt_images(), device
+    )
+    base, g = prompt_map(model, s_rec, m_hat, match), stats_parts(model, both, device)
+    n = len(normal)
+    k = match_scale(base[:n], g[:n])
+    tried: dict[str, dict[str, float]] = {}
+    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
+    for w in weights:
+        amap = blend(base, g, w, k)
+        scores = image_scores(model, amap)
+        tried[f"{w:g}"] = figures = separation(scores, amap, n, masks)
+        if best is None or figures["val_proxy"] > best[1]:
+            best = (w, figures["val_proxy"], scores, amap)
+    assert best is not None
+    w, _, scores, amap = best
+    model.cfg.stats_weight = float(w)
+    model.stats_scale.fill_(k if w > 0 else 1.0)
+    if w == 0:
+        model.set_normal_stats(torch.zeros(0), torch.zeros(0))
+    calib = {**normalisation(scores[:n], amap[:n], "val"), **scales(model)}
+    info = {
+        "weight": float(w),
+        "stats_scale": float(model.stats_scale),
         "judge": "held-out defect family (train/judge_defects.py), never trained on",
         "tried": tried,
     }
@@ -225,5 +283,8 @@ def recipe_score(metrics: dict) -> dict[str, float | None]:
         if chosen is None:  # the learned map alone is judged once, at the first zoom
             chosen = next(iter(match["tried"].values())).get(f"{match['weight']:g}")
         judge = chosen and chosen.get("val_proxy")
+    stats = metrics.get("normal_stats") or {}
+    if stats.get("tried"):  # the shipped map is the one after the normal statistics' choice
+        judge = stats["tried"][f"{stats['weight']:g}"].get("val_proxy")
     score = None if proxy is None or judge is None else 0.5 * (proxy + judge)
     return {"proxy": proxy, "judge": judge, "score": score}

@@ -14,12 +14,15 @@ from pathlib import Path
 from lineguard.runtime.errors import LineGuardError
 from lineguard.train.calibration import calibrate
 from lineguard.train.checkpoint import read_checkpoint, save_checkpoint
+from lineguard.train.normal_stats import fit_model
 from lineguard.train.proxy import (
     choose_map_blur,
     choose_match_weight,
+    choose_stats_weight,
     judge_validation,
     synthetic_validation,
 )
+from lineguard.train.torch_model import CLOSING_BUFFERS
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.train_data import load_training_data_for, make_synthesizer
 
@@ -56,20 +59,25 @@ def recalibrate(
         images, labels, source = td.train_images, td.train_labels, "train"
     ckpt["metrics"] = {**ckpt["metrics"], "recalibrated_from": str(path)}
     if source == "val" and choose_blur:
+        model.cfg.stats_weight = 0.0  # blur and match are chosen before the statistics
         defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
         # the record training keeps, so recipe_score reads the smoothed proxy
         ckpt["metrics"]["map_blur"], _ = choose_map_blur(model, td, defects, device)
         judge = judge_validation(td, cfg.seed)
         ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, judge)
+        if cfg.normal_stats:  # fitted again on the training split, then their share chosen
+            fit_model(model, td.train_images, device)
+            ckpt["metrics"]["normal_stats"], calib = choose_stats_weight(model, td, device, judge)
         chosen = {
-            k: getattr(model.cfg, k) for k in ("map_blur_sigma", "match_weight", "match_zoom")
+            k: getattr(model.cfg, k)
+            for k in ("map_blur_sigma", "match_weight", "match_zoom", "stats_weight")
         }
         ckpt["model_config"] = {**ckpt["model_config"], **chosen}
         ckpt["train_config"]["model"] = {**ckpt["train_config"]["model"], **chosen}
     else:
         calib = calibrate(model, images, labels, prompts, device, source)
     ckpt["calibration"] = calib
-    ckpt["state_dict"]["fusion_scale"] = model.fusion_scale.detach().cpu().clone()
-    ckpt["state_dict"]["match_scale"] = model.match_scale.detach().cpu().clone()
+    for name in CLOSING_BUFFERS:
+        ckpt["state_dict"][name] = getattr(model, name).detach().cpu().clone()
     save_checkpoint(out or path, ckpt)
     return calib

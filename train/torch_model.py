@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from lineguard.train import normal_stats as ns
 from lineguard.train import prompt_match as pm
 from lineguard.train.backbone import NECK_STRIDE, FrozenBackbone, neck
 from lineguard.train.model_layers import (
@@ -31,7 +32,17 @@ from lineguard.train.model_layers import (
     neighbor_mask,
 )
 
-__all__ = ["OneNIP", "OneNIPConfig", "count_parameters", "gaussian_matrix", "neighbor_mask"]
+__all__ = [
+    "CLOSING_BUFFERS",
+    "OneNIP",
+    "OneNIPConfig",
+    "count_parameters",
+    "gaussian_matrix",
+    "neighbor_mask",
+]
+
+#: buffers the closing choices set after the last step (fusion scales, normal statistics)
+CLOSING_BUFFERS = ("fusion_scale", "match_scale", "stats_scale", "stats_mean", "stats_precision")
 
 #: maps ``B×1×h×w`` to ``B×1×H×W`` (the input size); default `bilinear_up`
 Upsample = Callable[[torch.Tensor, int], torch.Tensor]
@@ -93,6 +104,16 @@ class OneNIPConfig(BaseModel):
         "match_weight on held-out validation defects.",
     )
 
+    stats_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        title="share of the normal-statistics map in the final map; 0 = not used",
+        description="A per-position Gaussian of the training images' descriptors "
+        "(train/normal_stats.py); its share is chosen after training on held-out validation "
+        "defects, like match_weight.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> OneNIPConfig:
         if self.input_size % NECK_STRIDE:
@@ -152,6 +173,10 @@ class OneNIP(nn.Module):
         self.register_buffer("fusion_scale", torch.tensor(1.0))
         # k in (1-w)·A + w·k·H: H's spread matched to the learned map A's on normal validation
         self.register_buffer("match_scale", torch.tensor(1.0))
+        # the normal statistics (empty until fitted) and k_g, their spread matched like k's
+        self.register_buffer("stats_mean", torch.zeros(0))
+        self.register_buffer("stats_precision", torch.zeros(0))
+        self.register_buffer("stats_scale", torch.tensor(1.0))
         self.match_channels = pm.match_channels(self.backbone.channels)
         self.set_map_blur(cfg.map_blur_sigma)
         self._init_weights()
@@ -159,7 +184,18 @@ class OneNIP(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # checkpoints from before the prompt match have no k: 1.0 (unused while its weight is 0)
         state_dict.setdefault(prefix + "match_scale", torch.ones(()))
+        # ... nor normal statistics, whose shapes are only known once fitted
+        for name in ("stats_mean", "stats_precision"):
+            value = state_dict.setdefault(prefix + name, torch.zeros(0))
+            setattr(self, name, torch.empty_like(value, device=self.stats_scale.device))
+        state_dict.setdefault(prefix + "stats_scale", torch.ones(()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_normal_stats(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
+        """Keep the fitted per-position Gaussian (:func:`normal_stats.fit`) as model constants."""
+        device = self.stats_scale.device
+        self.stats_mean = mean.to(device, torch.float32)
+        self.stats_precision = precision.to(device, torch.float32)
 
     def set_map_blur(self, sigma: float) -> None:
         """Smooth both maps with a Gaussian of ``sigma`` input pixels from now on (0 = off);
@@ -205,6 +241,21 @@ class OneNIP(nn.Module):
     @property
     def uses_match(self) -> bool:
         return self.cfg.match_weight > 0.0
+
+    @property
+    def has_stats(self) -> bool:
+        return self.stats_mean.numel() > 0
+
+    @property
+    def uses_stats(self) -> bool:
+        return self.cfg.stats_weight > 0.0 and self.has_stats
+
+    def stats_map(self, taps: list[torch.Tensor], upsample: Upsample = bilinear_up) -> torch.Tensor:
+        """G: the Mahalanobis distance to the normal statistics, ``B×1×H×W``, smoothed."""
+        if not self.has_stats:
+            raise ValueError("this model has no normal statistics: fit them first")
+        dist = ns.mahalanobis(ns.descriptors(taps), self.stats_mean, self.stats_precision)
+        return self.smooth(upsample(dist, self.cfg.input_size))
 
     @property
     def match_size(self) -> int:
@@ -303,12 +354,17 @@ class OneNIP(nn.Module):
         return tokens
 
     def detect_parts(
-        self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up
+        self,
+        images: torch.Tensor,
+        prompt_tokens: torch.Tensor,
+        upsample: Upsample = bilinear_up,
+        taps: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(S_rec, M̂, H), each ``B×1×H×W``; H (the prompt match) only when the tokens carry
         the prompt's descriptors, else None. The trainer measures the fusion scales from these.
+        ``taps`` of ``images`` when already computed.
         """
-        taps = self.taps(images)
+        taps = self.taps(images) if taps is None else taps
         feats = neck(taps, (self.grid, self.grid))
         n = self.grid * self.grid
         rec = self.reconstruct(self.encode(self.tokens(feats)), prompt_tokens[:, :n])
@@ -326,16 +382,21 @@ class OneNIP(nn.Module):
         self, images: torch.Tensor, prompt_tokens: torch.Tensor, upsample: Upsample = bilinear_up
     ) -> torch.Tensor:
         """Fused map ``(1-w)·((1-α)·S_rec + α·c·M̂) + w·k·H``, ``B×1×H×W`` (w = match_weight,
-        0 by default); `upsample` lets export swap the resize for one that compiles faster."""
-        s_rec, m_hat, match = self.detect_parts(images, prompt_tokens, upsample)
+        0 by default), then ``(1-w_g)·that + w_g·k_g·G`` when the normal statistics are used;
+        `upsample` lets export swap the resize for one that compiles faster."""
+        taps = self.taps(images)
+        s_rec, m_hat, match = self.detect_parts(images, prompt_tokens, upsample, taps)
         alpha = self.cfg.fusion_alpha
         amap = (1.0 - alpha) * s_rec + alpha * self.fusion_scale * m_hat
-        if not self.uses_match:
-            return amap
-        if match is None:
-            raise ValueError("this model fuses the prompt match: encode the prompt with it")
-        w = self.cfg.match_weight
-        return (1.0 - w) * amap + w * self.match_scale * match
+        if self.uses_match:
+            if match is None:
+                raise ValueError("this model fuses the prompt match: encode the prompt with it")
+            w = self.cfg.match_weight
+            amap = (1.0 - w) * amap + w * self.match_scale * match
+        if self.uses_stats:
+            wg = self.cfg.stats_weight
+            amap = (1.0 - wg) * amap + wg * self.stats_scale * self.stats_map(taps, upsample)
+        return amap
 
     def detect(
         self, images: torch.Tensor, prompt_tokens: torch.Tensor

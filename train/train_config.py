@@ -118,6 +118,14 @@ class TrainConfig(BaseModel):
         description="For studies of how the validation proxy ranks checkpoints "
         "(benchmarks/checkpoint_ranking.py); final.pt is chosen the same way either way.",
     )
+    normal_stats: bool = Field(
+        True,
+        title="after training, fit the normal statistics and choose their share of the map",
+        description="A per-position Gaussian of the training images' descriptors "
+        "(train/normal_stats.py), one backbone pass over them; its share (0 drops it) is "
+        "chosen on held-out validation defects. Off: the map is the learned one (and the "
+        "prompt match) only.",
+    )
     epochs: int = Field(100, ge=1, title="training epochs (the paper: 1000; ignored with budget)")
     batch_size: int = Field(8, ge=1, title="normal images per process and step (spec: 8)")
     lr: float = Field(1e-4, gt=0.0, title="AdamW learning rate")

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lineguard.runtime.errors import LineGuardError
+from lineguard.train import normal_stats
 from lineguard.train.calibration import to_tensor
 from lineguard.train.checkpoint import (
     checkpoint_payload,
@@ -40,6 +41,7 @@ from lineguard.train.losses import onenip_loss
 from lineguard.train.proxy import (
     choose_map_blur,
     choose_match_weight,
+    choose_stats_weight,
     judge_validation,
     proxy_and_calibration,
     synthetic_validation,
@@ -164,8 +166,8 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         ckpt = read_checkpoint(path)
-        # the map smoothing is chosen after training (on validation), not part of what trains
-        chosen = {"map_blur_sigma", "match_weight", "match_zoom"}
+        # the map smoothing and the shares are chosen after training, not part of what trains
+        chosen = {"map_blur_sigma", "match_weight", "match_zoom", "stats_weight"}
         mine = self.cfg.model.model_dump(mode="json", exclude=chosen)
         theirs = {k: v for k, v in ckpt["model_config"].items() if k not in chosen}
         if theirs != mine:
@@ -364,6 +366,21 @@ class Trainer:
         )
         return info
 
+    def choose_stats(self) -> dict:
+        """Fit the normal statistics on the training images, then pick their share on held-out
+        judge defects (after the prompt match) and recalibrate with it."""
+        if not self.cfg.normal_stats:
+            return {"weight": 0.0, "why": "normal_stats is off in the recipe"}
+        if len(self.data.val_images) == 0:
+            return {"weight": 0.0, "why": "no validation images to judge it on"}
+        t0 = time.perf_counter()
+        normal_stats.fit_model(self.model, self.data.train_images, self.device)
+        fit_s = time.perf_counter() - t0
+        info, self.calibration = choose_stats_weight(
+            self.model, self.data, self.device, self.judge_defects()
+        )
+        return {**info, "fit_s": round(fit_s, 2), "images": len(self.data.train_images)}
+
     def payload(self, epoch: int) -> dict:
         """The checkpoint dict of the model as it is now (calibration must be current)."""
         data = self.data
@@ -385,10 +402,12 @@ class Trainer:
         proxy = self.evaluate_proxy()
         blur = self.choose_map_blur() if final else None
         match = self.choose_match() if final else None
+        stats = self.choose_stats() if final else None
         self.metrics = {
             **proxy,
             **({"map_blur": blur} if blur else {}),
             **({"prompt_match": match} if match else {}),
+            **({"normal_stats": stats} if stats else {}),
             **{f"train_{k}": v for k, v in self.history[-1].items() if k not in ("epoch",)},
             "seconds_per_epoch": self.wall_time / max(len(self.history), 1),
             "run_wall_s": time.perf_counter() - self.t_start,  # this invocation, setup included

@@ -20,7 +20,7 @@ from lineguard.train.auto_recipe import default_recipe
 from lineguard.train.budget import BudgetClock, lr_factor, parse_budget
 from lineguard.train.checkpoint import read_checkpoint
 from lineguard.train.data import Sample, split_validation, validation_count
-from lineguard.train.torch_model import gaussian_matrix
+from lineguard.train.torch_model import CLOSING_BUFFERS, gaussian_matrix
 from lineguard.train.train_config import DataConfig, TrainConfig
 from lineguard.train.trainer import Trainer
 
@@ -217,17 +217,26 @@ def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -
     assert match["weight"] == ckpt["model_config"]["match_weight"]
     assert match["zoom"] == ckpt["model_config"]["match_zoom"]
     assert ckpt["calibration"]["match_scale"] == pytest.approx(match["match_scale"])
+    # ... then the normal statistics, fitted after the last step, and their share likewise
+    stats = m["normal_stats"]
+    tried = {float(w): v["val_proxy"] for w, v in stats["tried"].items()}
+    assert stats["weight"] == max(tried, key=tried.get) == ckpt["model_config"]["stats_weight"]
+    assert ckpt["calibration"]["stats_scale"] == pytest.approx(stats["stats_scale"])
+    kept = ckpt["state_dict"]["stats_precision"]
+    assert kept.ndim == 3 if stats["weight"] > 0 else kept.numel() == 0
     # the shipped weights are those evaluated at the best point: best.pt holds the same
     best = read_checkpoint(tmp_path / "out" / "best.pt")
     for key, value in ckpt["state_dict"].items():
-        if key not in ("fusion_scale", "match_scale"):  # re-measured after the choices
+        if key not in CLOSING_BUFFERS:  # re-measured or fitted after the choices
             assert torch.equal(value, best["state_dict"][key]), key
     # the split is recorded: 4 validation images per class, none of them trained on
     assert len(ckpt["split"]["val"]) == 2 * 4
     assert not set(ckpt["split"]["val"]) & set(ckpt["split"]["train"])
     # re-scoring the shipped model's learned part (weights of the best point, chosen smoothing)
-    # agrees with the blur choice, which was made before the prompt match was added
+    # agrees with the blur choice, which was made before the prompt match and the normal
+    # statistics were added
     trainer.model.cfg.match_weight = 0.0
+    trainer.model.cfg.stats_weight = 0.0
     assert math.isclose(
         trainer.evaluate_proxy()["val_proxy"], blur["val_proxy"]["val_proxy"], abs_tol=1e-6
     )
