@@ -98,6 +98,7 @@ def main() -> None:
         "val_proxy": metrics.get("val_proxy"),
         "map_blur": metrics.get("map_blur"),
         "prompt_match": metrics.get("prompt_match"),
+        "normal_stats": metrics.get("normal_stats"),
         "kept": metrics.get("best"),
         "curve": [
             {
@@ -144,6 +145,10 @@ def markdown(r: dict) -> str:
         f"- validation proxy of the kept checkpoint: {r['val_proxy']}; targets met: "
         f"{r.get('targets_met')}",
         f"- backbone {r['backbone']}, input {r['input_size']} px, fixed golden prompt per class",
+        f"- closing choices: map blur σ {(r.get('map_blur') or {}).get('sigma')}, prompt match "
+        f"w {(r.get('prompt_match') or {}).get('weight')} zoom "
+        f"{(r.get('prompt_match') or {}).get('zoom')}, normal statistics w "
+        f"{(r.get('normal_stats') or {}).get('weight')}",
         f"- prompt retrieval accuracy (class-agnostic mode): {r['retrieval_accuracy']}",
         "",
         head,
