@@ -28,7 +28,6 @@ from lineguard.train.calibration import (
     match_scale,
     measure_scales,
     normalisation,
-    prompt_map,
     scales,
     score_parts,
     stats_parts,
@@ -159,11 +158,14 @@ def choose_match_weight(
     judge: tuple[np.ndarray, np.ndarray, np.ndarray],
     weights: tuple[float, ...] = MATCH_WEIGHTS,
     zooms: tuple[int, ...] = MATCH_ZOOMS,
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, np.ndarray]:
     """Pick the share and the zoom of the prompt match (:mod:`lineguard.train.prompt_match`) on
     HELD-OUT judge defects (``judge``: :func:`judge_validation`) and set them with the
     scale k. Returns
-    (what was tried, the calibration of the final map). Call after :func:`choose_map_blur`
+    (what was tried, the calibration of the final map, that map on the normal validation images
+    followed by the judge's: :func:`choose_stats_weight` starts from it instead of scoring the
+    judge set again, a second zoom-2 pass that overran a budget). Call after
+    :func:`choose_map_blur`
     (c and the smoothing are kept). Order of the tries: share 0 (the learned map alone, the
     same at every zoom), then each zoom's shares; the first best wins, so a costlier map must
     do strictly better.
@@ -210,7 +212,7 @@ def choose_match_weight(
         "judge": "held-out defect family (train/judge_defects.py), never trained on",
         "tried": tried,
     }
-    return info, calib
+    return info, calib, amap
 
 
 #: shares of the normal statistics tried; the first best wins ties (none first)
@@ -222,24 +224,21 @@ def choose_stats_weight(
     data: TrainingData,
     device,
     judge: tuple[np.ndarray, np.ndarray, np.ndarray],
+    base: np.ndarray,
     weights: tuple[float, ...] = STATS_WEIGHTS,
 ) -> tuple[dict, dict]:
     """Pick the share of the normal statistics (:mod:`lineguard.train.normal_stats`, fitted
-    already) on the HELD-OUT judge defects, after :func:`choose_match_weight` (whose choice it
-    keeps), and set k_g. Returns (what was tried, the calibration of the final map). A share of
-    0 drops the statistics from the model, so the exported detector does not carry them.
+    already) on the HELD-OUT judge defects, after :func:`choose_match_weight`, whose chosen map
+    of the same images is ``base``, and set k_g. Returns (what was tried, the calibration of
+    the final map). A share of 0 drops the statistics from the model, so the exported detector
+    does not carry them.
     """
-    normal, labels = data.val_images, data.val_labels
+    normal = data.val_images
     if len(normal) == 0:
         raise ValueError("choosing the normal statistics' share needs validation images")
     model.cfg.stats_weight = 0.0
-    bad, masks, bad_labels = judge
-    both = np.concatenate([normal, bad])
-    s_rec, m_hat, match = score_parts(
-        model, both, np.concatenate([labels, bad_labels]), data.prompt_images(), device
-    )
-    base, g = prompt_map(model, s_rec, m_hat, match), stats_parts(model, both, device)
-    n = len(normal)
+    bad, masks, _ = judge
+    g, n = stats_parts(model, np.concatenate([normal, bad]), device), len(normal)
     k = match_scale(base[:n], g[:n])
     tried: dict[str, dict[str, float]] = {}
     best: tuple[float, float, np.ndarray, np.ndarray] | None = None

@@ -64,10 +64,12 @@ def recalibrate(
         # the record training keeps, so recipe_score reads the smoothed proxy
         ckpt["metrics"]["map_blur"], _ = choose_map_blur(model, td, defects, device)
         judge = judge_validation(td, cfg.seed)
-        ckpt["metrics"]["prompt_match"], calib = choose_match_weight(model, td, device, judge)
+        ckpt["metrics"]["prompt_match"], calib, amap = choose_match_weight(model, td, device, judge)
         if cfg.normal_stats:  # fitted again on the training split, then their share chosen
             fit_model(model, td.train_images, device)
-            ckpt["metrics"]["normal_stats"], calib = choose_stats_weight(model, td, device, judge)
+            ckpt["metrics"]["normal_stats"], calib = choose_stats_weight(
+                model, td, device, judge, amap
+            )
         chosen = {
             k: getattr(model.cfg, k)
             for k in ("map_blur_sigma", "match_weight", "match_zoom", "stats_weight")

@@ -154,6 +154,7 @@ class Trainer:
         self.calibration: dict = {}
         self._val_defects = None
         self._judge_defects = None
+        self._judge_map: np.ndarray | None = None  # the match choice's map, for the next choice
         self.metrics: dict = {}
         if cfg.resume is not None:
             if cfg.budget is not None:
@@ -361,7 +362,7 @@ class Trainer:
         """Pick the prompt-match share on held-out judge defects, then recalibrate with it."""
         if len(self.data.val_images) == 0:
             return {"weight": 0.0, "why": "no validation images to judge it on"}
-        info, self.calibration = choose_match_weight(
+        info, self.calibration, self._judge_map = choose_match_weight(
             self.model, self.data, self.device, self.judge_defects()
         )
         return info
@@ -371,13 +372,13 @@ class Trainer:
         judge defects (after the prompt match) and recalibrate with it."""
         if not self.cfg.normal_stats:
             return {"weight": 0.0, "why": "normal_stats is off in the recipe"}
-        if len(self.data.val_images) == 0:
+        if len(self.data.val_images) == 0 or self._judge_map is None:
             return {"weight": 0.0, "why": "no validation images to judge it on"}
         t0 = time.perf_counter()
         normal_stats.fit_model(self.model, self.data.train_images, self.device)
         fit_s = time.perf_counter() - t0
         info, self.calibration = choose_stats_weight(
-            self.model, self.data, self.device, self.judge_defects()
+            self.model, self.data, self.device, self.judge_defects(), self._judge_map
         )
         return {**info, "fit_s": round(fit_s, 2), "images": len(self.data.train_images)}
 
