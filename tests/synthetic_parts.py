@@ -86,6 +86,25 @@ def random_checkpoint(path: Path, input_size: int, classes: list[str], prompts: 
     )
 
 
+def export_detector(model, image_u8, tokens, path: Path) -> Path:
+    """The model's detector graph as ONNX (legacy exporter, opset 17) with the artifact's I/O
+    names: what the export-parity tests compare with PyTorch."""
+    import torch
+
+    from lineguard.compress.graphs import DetectorGraph
+
+    torch.onnx.export(
+        DetectorGraph(model),
+        (image_u8, tokens),
+        str(path),
+        input_names=["image", "prompt_tokens"],
+        output_names=["anomaly_map", "image_score"],
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB image (as cv2's BGR), creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

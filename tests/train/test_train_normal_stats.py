@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic_parts import tiny_model_config
+from synthetic_parts import export_detector, tiny_model_config
 
 from lineguard.train import normal_stats as ns
 from lineguard.train.torch_model import OneNIP
@@ -94,23 +94,14 @@ def test_statistics_travel_in_the_checkpoint_and_older_ones_still_load() -> None
 
 def test_onnx_export_carries_the_statistics_as_constants(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    from lineguard.compress.graphs import DetectorGraph, to_model_input
+    from lineguard.compress.graphs import to_model_input
 
     model = _fitted(0.5)
     x = torch.from_numpy(_parts(2, seed=5))
     with torch.no_grad():
         tokens = model.encode_prompt(to_model_input(x[:1]))
         amap, score = model.detect(to_model_input(x), tokens)
-    det = tmp_path / "det.onnx"
-    torch.onnx.export(
-        DetectorGraph(model),
-        (x, tokens),
-        str(det),
-        input_names=["image", "prompt_tokens"],
-        output_names=["anomaly_map", "image_score"],
-        opset_version=17,
-        dynamo=False,
-    )
+    det = export_detector(model, x, tokens, tmp_path / "det.onnx")
     d = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"])
     amap_o, score_o = d.run(None, {"image": x.numpy(), "prompt_tokens": tokens.numpy()})
     np.testing.assert_allclose(amap_o, amap.numpy(), rtol=1e-3, atol=1e-3)

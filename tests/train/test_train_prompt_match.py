@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from synthetic_parts import tiny_model_config
+from synthetic_parts import export_detector, tiny_model_config
 
 from lineguard.train import prompt_match as pm
 from lineguard.train.torch_model import OneNIP
@@ -95,7 +95,7 @@ def test_checkpoints_from_before_the_match_still_load() -> None:
 @pytest.mark.parametrize("zoom", [1, 2])
 def test_onnx_export_of_the_fused_map_matches_torch(tmp_path, zoom: int) -> None:
     ort = pytest.importorskip("onnxruntime")
-    from lineguard.compress.graphs import DetectorGraph, PromptEncoderGraph, to_model_input
+    from lineguard.compress.graphs import PromptEncoderGraph, to_model_input
 
     model = _model(0.5, zoom)
 
@@ -116,14 +116,7 @@ def test_onnx_export_of_the_fused_map_matches_torch(tmp_path, zoom: int) -> None
         output_names=["prompt_tokens"],
         **kw,
     )
-    torch.onnx.export(
-        DetectorGraph(model),
-        (x, tokens),
-        str(det),
-        input_names=["image", "prompt_tokens"],
-        output_names=["anomaly_map", "image_score"],
-        **kw,
-    )
+    export_detector(model, x, tokens, det)
     e = ort.InferenceSession(str(enc), providers=["CPUExecutionProvider"])
     d = ort.InferenceSession(str(det), providers=["CPUExecutionProvider"])
     (tok,) = e.run(None, {"image": p.numpy()})
