@@ -33,22 +33,25 @@ if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
 
 
-#: the normal statistics' closing work in proxy evaluations: their fit (one backbone pass over
-#: the training images, ~9× the validation images but backbone only: 9.6 s, 2.5 evaluations, on
-#: mtd at 192 px) and their map of the judge set (its other maps come from the match choice),
-#: rounded up
-STATS_EVALS = 4
+def stats_evaluations(n_train: int, n_val: int) -> int:
+    """The normal statistics' closing work in proxy evaluations: their fit, one backbone pass
+    over the ``n_train`` training images, against an evaluation's full pass over ``2·n_val``
+    images (counted as if the backbone were all of it: on mtd the fit took 8–10 s, 2–2.5
+    evaluations, where this counts 5), and their map of the judge set (1; its other maps come
+    from the match choice). Scaled by the data, not a constant: a 12-s run whose training set
+    was large beside its validation set overran with a constant 4."""
+    return math.ceil(n_train / max(2 * n_val, 1)) + 1
 
 
-def closing_evaluations() -> int:
+def closing_evaluations(stats: int = 0) -> int:
     """The work after the last step, in proxy evaluations: the final proxy, one per map blur
     tried, then the prompt-match choice, which scores the judge set once per zoom (an upsampled
     backbone pass costs up to zoom² a plain one) and measures every share tried (the measuring
     is most of an evaluation where the validation set is large, e.g. tiles): the larger of the
-    two counts; then the normal statistics (``STATS_EVALS``)."""
+    two counts; then the normal statistics' ``stats`` (:func:`stats_evaluations`)."""
     passes = sum(z * z for z in MATCH_ZOOMS)
     tries = len(MATCH_WEIGHTS) + (len(MATCH_ZOOMS) - 1) * (len(MATCH_WEIGHTS) - 1)
-    return 1 + len(BLUR_SIGMAS) + max(passes, tries) + STATS_EVALS
+    return 1 + len(BLUR_SIGMAS) + max(passes, tries) + stats
 
 
 @contextmanager
@@ -91,7 +94,8 @@ class _Run:
             cfg.min_lr_fraction,
             cfg.proxy_evals,
             # the last evaluation scores the average too
-            closing_evals=closing_evaluations() + (self.average is not None),
+            closing_evals=closing_evaluations(self._stats_evaluations(tr))
+            + (self.average is not None),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -102,6 +106,13 @@ class _Run:
         self.epoch = 0
         self.loss = float("nan")
         self.load_start = round(os.getloadavg()[0], 2)
+
+    @staticmethod
+    def _stats_evaluations(tr: Trainer) -> int:
+        n_val = len(tr.data.val_images)
+        if not tr.cfg.normal_stats or n_val == 0:
+            return 0
+        return stats_evaluations(len(tr.data.train_images), n_val)
 
     def evaluate(self) -> None:
         """Proxy + calibration of the raw weights and, if on, of their running average;
