@@ -22,24 +22,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+
+from lineguard.train.prompt_match import tap_pair_descriptors
 
 STATS_TAPS = (2, 3)  # indices of the stride-8 and stride-16 taps
-STATS_STRIDE = 8
 #: shrinkage of each position's covariance towards its mean variance (keeps it invertible)
 SHRINKAGE = 0.01
 
 
-def stats_channels(tap_channels: Sequence[int]) -> int:
-    return sum(int(tap_channels[i]) for i in STATS_TAPS)
-
-
 def descriptors(taps: Sequence[torch.Tensor]) -> torch.Tensor:
     """``B×C×(H/8)×(W/8)``: stride-8 tap, stride-16 tap upsampled, 3×3 mean."""
-    fine, coarse = taps[STATS_TAPS[0]], taps[STATS_TAPS[1]]
-    coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=True)
-    return F.avg_pool2d(torch.cat([fine, coarse], dim=1), 3, stride=1, padding=1)
+    return tap_pair_descriptors(taps, STATS_TAPS)
 
 
 def mahalanobis(desc: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -57,7 +50,6 @@ def fit(
     images: np.ndarray,
     device: torch.device | str,
     batch_size: int = 32,
-    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean ``P×C``, precision ``P×C×C``) of ``describe(batch)`` over uint8 ``N×H×W×3``
     images; sums accumulate in float64, so memory does not grow with N."""
@@ -66,7 +58,7 @@ def fit(
     total: torch.Tensor | None = None
     outer: torch.Tensor | None = None
     n = 0
-    for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc="stats"):
+    for start in range(0, len(images), batch_size):
         d = describe(to_tensor(images[start : start + batch_size], device)).double()
         v = d.flatten(2).permute(2, 0, 1)  # P×B×C
         s, o = v.sum(dim=1), torch.bmm(v.transpose(1, 2), v)

@@ -39,11 +39,17 @@ def match_token_count(tap_channels: Sequence[int], input_size: int, width: int) 
     return math.ceil(match_channels(tap_channels) * g * g / width)
 
 
-def descriptors(taps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``B×Cm×(H/4)×(W/4)``: stride-4 tap, stride-8 tap upsampled, 3×3 mean."""
-    fine, coarse = taps[MATCH_TAPS[0]], taps[MATCH_TAPS[1]]
+def tap_pair_descriptors(taps: Sequence[torch.Tensor], pair: tuple[int, int]) -> torch.Tensor:
+    """The finer tap of ``pair`` with the coarser one upsampled onto its grid, 3×3 averaged
+    (PatchCore's neighbourhood aggregation): ``B×(C1+C2)×h×w`` at the finer tap's stride."""
+    fine, coarse = taps[pair[0]], taps[pair[1]]
     coarse = F.interpolate(coarse, size=fine.shape[-2:], mode="bilinear", align_corners=True)
     return F.avg_pool2d(torch.cat([fine, coarse], dim=1), 3, stride=1, padding=1)
+
+
+def descriptors(taps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``B×Cm×(H/4)×(W/4)``: stride-4 tap, stride-8 tap upsampled, 3×3 mean."""
+    return tap_pair_descriptors(taps, MATCH_TAPS)
 
 
 def pack(desc: torch.Tensor, rows: int, width: int) -> torch.Tensor:
