@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lineguard.train.budget import BudgetClock
+from lineguard.train.budget import CLOSING_SPARE, BudgetClock
 from lineguard.train.checkpoint import save_checkpoint
 from lineguard.train.proxy import BLUR_SIGMAS, MATCH_WEIGHTS, MATCH_ZOOMS
 from lineguard.train.weight_average import WeightAverage
@@ -49,9 +49,14 @@ def closing_evaluations(stats: int = 0) -> int:
     backbone pass costs up to zoom² a plain one) and measures every share tried (the measuring
     is most of an evaluation where the validation set is large, e.g. tiles): the larger of the
     two counts; then the normal statistics' ``stats`` (:func:`stats_evaluations`)."""
+    return 1 + len(BLUR_SIGMAS) + match_evaluations() + stats
+
+
+def match_evaluations() -> int:
+    """The prompt-match choice in proxy evaluations (see :func:`closing_evaluations`)."""
     passes = sum(z * z for z in MATCH_ZOOMS)
     tries = len(MATCH_WEIGHTS) + (len(MATCH_ZOOMS) - 1) * (len(MATCH_WEIGHTS) - 1)
-    return 1 + len(BLUR_SIGMAS) + max(passes, tries) + stats
+    return max(passes, tries)
 
 
 @contextmanager
@@ -88,14 +93,14 @@ class _Run:
         self.average = (
             WeightAverage(tr.model, cfg.ema_decay) if cfg.ema_decay > 0 and tr.dist.main else None
         )
+        self.stats_evaluations = self._stats_evaluations(tr)
         self.clock = BudgetClock(
             cfg.budget,
             cfg.warmup_fraction,
             cfg.min_lr_fraction,
             cfg.proxy_evals,
             # the last evaluation scores the average too
-            closing_evals=closing_evaluations(self._stats_evaluations(tr))
-            + (self.average is not None),
+            closing_evals=closing_evaluations(self.stats_evaluations) + (self.average is not None),
         )
         self.curve: list[dict] = []
         self.best_proxy = -math.inf
@@ -183,6 +188,51 @@ class _Run:
         }
 
 
+def _skip(clock: BudgetClock, evals: float) -> str | None:
+    """Why a closing step that costs ``evals`` proxy evaluations must be skipped, or None if it
+    fits in what is left of the budget (with ``CLOSING_SPARE``)."""
+    need = CLOSING_SPARE * evals * clock.max_eval_s
+    if clock.left() >= need:
+        return None
+    return f"skipped for the budget: {max(clock.left(), 0):.1f} s left, about {need:.1f} s needed"
+
+
+def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
+    """The work after the last step, each part only if it still fits in the budget.
+
+    Why a check per part and not only the reserve: the reserve is an estimate made while
+    training, and a machine that gets busier (a CI runner, another job) makes the closing
+    slower than every evaluation measured before it. A skipped part keeps what the model had
+    (the recipe's map blur, no prompt match, no normal statistics) and says so in its record,
+    so ``wall_time_s <= budget_s`` holds whatever the load. Returns the blur, match and
+    statistics records and what happened to the final evaluation.
+    """
+    clock = run.clock
+    final = "done"
+    why = _skip(clock, 1 + (run.average is not None))
+    if run.best_state is None or why is None:
+        run.evaluate()  # the end of the budget is a candidate whenever it fits
+    else:
+        final = why
+    assert run.best_state is not None
+    tr.model.load_state_dict(run.best_state)
+    tr.calibration = run.best_calibration
+    why = _skip(clock, len(BLUR_SIGMAS))
+    if why is None:
+        blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
+    else:
+        blur = {"sigma": tr.model.cfg.map_blur_sigma, "why": why}
+    why = _skip(clock, match_evaluations())
+    # on held-out judge defects; inside the budget too
+    match = tr.choose_match() if why is None else {"weight": tr.model.cfg.match_weight, "why": why}
+    why = _skip(clock, run.stats_evaluations) or (
+        match.get("why") if "tried" not in match and tr.cfg.normal_stats else None
+    )
+    # one pass over the training images, then the judge (needs the match choice's map)
+    stats = tr.choose_stats() if why is None else {"weight": tr.model.cfg.stats_weight, "why": why}
+    return blur, match, stats, final
+
+
 def fit_budget(tr: Trainer) -> Path:
     """Train ``tr`` within ``cfg.budget`` seconds; returns ``out_dir/final.pt`` (best proxy)."""
     from lineguard.train.trainer import LOSS_PARTS, _append_log, _cpu_seconds
@@ -259,13 +309,7 @@ def fit_budget(tr: Trainer) -> Path:
     reserve_s, closing_from = clock.reserve(), clock.elapsed()
     if tr.dist.main:
         with _all_cores(tr):
-            run.evaluate()  # the end of the budget is always a candidate
-            assert run.best_state is not None
-            tr.model.load_state_dict(run.best_state)
-            tr.calibration = run.best_calibration
-            blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
-            match = tr.choose_match()  # on held-out judge defects; inside the budget too
-            stats = tr.choose_stats()  # one pass over the training images, then the judge
+            blur, match, stats, final = _close(tr, run)
         tr.wall_time = clock.elapsed()
         tr.metrics = run.metrics()
         tr.metrics["wall_time_s"] = round(tr.wall_time, 2)
@@ -273,6 +317,7 @@ def fit_budget(tr: Trainer) -> Path:
         tr.metrics["closing"] = {
             "reserve_s": round(reserve_s, 2),
             "took_s": round(tr.wall_time - closing_from, 2),
+            "final_evaluation": final,
         }
         tr.metrics["map_blur"] = blur
         tr.metrics["prompt_match"] = match
