@@ -55,13 +55,13 @@ def judge_aupro(model, td, judge, device) -> float:
     return float(aupro(truth > 0.5, amap))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="a default-recipe final.pt")
     ap.add_argument("--data", required=True, help="the MVTec-layout folder it was trained on")
     ap.add_argument("--out", required=True, help="JSON to write")
     ap.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     t0, device = time.perf_counter(), "cpu"
     ckpt = read_checkpoint(args.checkpoint)
@@ -105,7 +105,8 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

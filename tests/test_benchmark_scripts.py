@@ -385,3 +385,37 @@ def test_checkpoint_ranking_scores_every_evaluated_checkpoint_of_a_run(tmp_path:
         if key not in CLOSING_BUFFERS:  # re-measured or fitted after the closing choices
             assert torch.equal(value, same[key]), key
     assert set(res["spearman"]) == {"proxy_in_training", "proxy", "judge", "joint"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_blur_grid_study_remakes_every_closing_choice_per_sigma(tmp_path: Path) -> None:
+    """A tiny trained model: per σ the study re-chooses the match and the statistics on the
+    judge set, its score is the recipe score's mean, and it names the σ the blur rule picks."""
+    import importlib.util
+
+    import torch
+    from synthetic_parts import THREADS, tiny_config
+
+    from lineguard.train.trainer import Trainer
+
+    torch.set_num_threads(THREADS)
+    data = _tiny_mvtec(tmp_path / "data", 48, 5)
+    cfg = tiny_config({"mvtec": [{"root": str(data)}]}, tmp_path / "run", epochs=2, val_min=4)
+    final = Trainer(cfg, progress=False).fit()
+    path = ROOT / "benchmarks" / "blur_grid_study.py"
+    spec = importlib.util.spec_from_file_location("blur_grid_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "blur.json"
+    args = ["--checkpoint", str(final), "--data", str(data), "--sigmas", "0,4"]
+    assert mod.main([*args, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["sigmas"]) == {"0", "4"} and res["test_images_read"] == 0
+    for row in res["sigmas"].values():
+        assert row["score"] == pytest.approx(0.5 * (row["proxy"] + row["judge"]))
+        assert row["proxy"] == row["blur_rule_proxy"] and 0.0 <= row["judge_aupro"] <= 1.0
+        assert row["stats_weight"] in (0.0, 0.25, 0.5, 0.75)
+    assert res["sigmas"]["0"]["proxy"] != res["sigmas"]["4"]["proxy"]  # the blur was applied
+    picked = max(res["sigmas"], key=lambda s: res["sigmas"][s]["blur_rule_proxy"])
+    assert res["blur_rule_picks"] == picked
