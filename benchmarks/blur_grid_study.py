@@ -6,7 +6,9 @@ of a wider grid this runs the whole closing pipeline of a checkpoint as training
 then the prompt-match share and the normal statistics' share on the held-out judge defects)
 and reports the blur rule's proxy, the judge's figures of the shipped map, their mean (the
 recipe score, :func:`lineguard.train.proxy.recipe_score`) and the judge set's AUPRO (for the
-report: the test metric the grid is suspected to limit). No test image is read.
+report: the test metric the grid is suspected to limit). ``--stats-taps 1,2`` fits the normal
+statistics on the stride-4 pair instead of the shipped stride-8 one (same question for the
+statistics' grid). No test image is read.
 
     .venv/bin/python benchmarks/blur_grid_study.py --checkpoint runs/mtd/final.pt \\
         --data DATA/mtd --out benchmarks/results/blur_grid_mtd.json
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineguard.train import normal_stats as ns
 from lineguard.train.calibration import fused, score_parts, stats_parts
 from lineguard.train.checkpoint import load_model, read_checkpoint
 from lineguard.train.metrics import aupro
@@ -61,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="the MVTec-layout folder it was trained on")
     ap.add_argument("--out", required=True, help="JSON to write")
     ap.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS))
+    ap.add_argument(
+        "--stats-taps",
+        default=",".join(map(str, ns.STATS_TAPS)),
+        help="backbone taps (finer, coarser) of the normal statistics' descriptors: 2,3 = "
+        "stride 8 as shipped, 1,2 = stride 4 (the prompt match's pair)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     t0, device = time.perf_counter(), "cpu"
@@ -71,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_model(args.checkpoint, device)
     defects = synthetic_validation(td, make_synthesizer(td, cfg.synthesis), cfg.seed)
     judge = judge_validation(td, cfg.seed)
+    ns.STATS_TAPS = tuple(int(t) for t in args.stats_taps.split(","))
+    fit_from = time.perf_counter()
     fit_model(model, td.train_images, device)
+    fit_s = time.perf_counter() - fit_from
     mean, precision = model.stats_mean.clone(), model.stats_precision.clone()
     rows = {}
     for sigma in (float(s) for s in args.sigmas.split(",")):
@@ -94,9 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "checkpoint": args.checkpoint,
         "command": "python benchmarks/blur_grid_study.py --checkpoint CKPT --data DATA "
-        f"--sigmas {args.sigmas} --out {args.out}",
+        f"--sigmas {args.sigmas}"
+        + ("" if args.stats_taps == "2,3" else f" --stats-taps {args.stats_taps}")
+        + f" --out {args.out}",
         "input_size": model.cfg.input_size,
         "validation_images": len(td.val_images),
+        "stats": {
+            "taps": list(ns.STATS_TAPS),
+            "positions": int(mean.shape[0]),
+            "channels": int(mean.shape[1]),
+            "constants_mb": round((mean.numel() + precision.numel()) * 4 / 1e6, 1),
+            "fit_s": round(fit_s, 1),
+        },
         "sigmas": rows,
         "blur_rule_picks": picked,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -412,6 +412,7 @@ def test_blur_grid_study_remakes_every_closing_choice_per_sigma(tmp_path: Path) 
     assert mod.main([*args, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert set(res["sigmas"]) == {"0", "4"} and res["test_images_read"] == 0
+    assert res["stats"]["taps"] == [2, 3] and res["stats"]["constants_mb"] > 0
     for row in res["sigmas"].values():
         assert row["score"] == pytest.approx(0.5 * (row["proxy"] + row["judge"]))
         assert row["proxy"] == row["blur_rule_proxy"] and 0.0 <= row["judge_aupro"] <= 1.0
