@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to end this rank when the launching process dies.
+
+    Why: Ctrl-C reaches every rank through the terminal's process group, but a ``kill`` of
+    ``lineguard train`` alone (a service manager, a script's timeout) left both ranks training
+    on as orphans, holding the cores for the rest of their budget (seen in session 14).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _rank_main(
     rank: int,
     world: int,
@@ -65,6 +85,7 @@ def _rank_main(
     extra: tuple,
 ) -> None:
     """Entry point of one spawned rank: join the group through the environment, then train."""
+    _die_with_parent()
     os.environ.update(
         {
             "RANK": str(rank),

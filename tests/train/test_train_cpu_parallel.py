@@ -7,7 +7,14 @@ separates synthetic defects from normal validation images.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from synthetic_parts import tiny_config
@@ -80,3 +87,64 @@ def test_a_failing_rank_ends_the_run_with_its_message(tmp_path) -> None:
     cfg = tiny_config(_folders(tmp_path / "data", 2), tmp_path / "out", processes=2)
     with pytest.raises(LineGuardError, match="rank one cannot read its images"):
         launch(cfg, _fail_on_rank_one, False)
+
+
+def _sleep_as_a_rank(cfg, progress: bool) -> None:
+    """A rank that records its pid and then waits (as a long training would)."""
+    import os
+    import time
+    from pathlib import Path
+
+    Path(cfg.out_dir, f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    time.sleep(300)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # an unreaped zombie no longer runs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_ranks_end_when_the_launcher_is_killed(tmp_path) -> None:
+    """`kill` of `lineguard train` alone (not its process group) must not leave the ranks
+    training on as orphans that hold the cores."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        "import sys; sys.path[:0] = [{tests!r}, {here!r}]\n"
+        "from synthetic_parts import tiny_config\n"
+        "from test_train_budget import _folders\n"
+        "from test_train_cpu_parallel import _sleep_as_a_rank\n"
+        "from lineguard.train.cpu_parallel import launch\n"
+        "from pathlib import Path\n"
+        "cfg = tiny_config(_folders(Path({data!r}), 2), Path({out!r}), processes=2)\n"
+        "launch(cfg, _sleep_as_a_rank, False)\n"
+    ).format(
+        tests=str(Path(__file__).parents[1]),
+        here=str(Path(__file__).parent),
+        data=str(tmp_path / "data"),
+        out=str(out),
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", script])
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            time.sleep(0.2)
+            pids = [int(p.read_text()) for p in out.glob("rank*.pid") if p.read_text()]
+        assert len(pids) == 2, "both ranks should have started"
+        launcher.send_signal(signal.SIGKILL)  # no handler of the launcher's can run
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "a rank outlived its launcher"
+    finally:
+        launcher.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
