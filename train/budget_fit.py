@@ -188,13 +188,36 @@ class _Run:
         }
 
 
-def _skip(clock: BudgetClock, evals: float) -> str | None:
-    """Why a closing step that costs ``evals`` proxy evaluations must be skipped, or None if it
-    fits in what is left of the budget (with ``CLOSING_SPARE``)."""
-    need = CLOSING_SPARE * evals * clock.max_eval_s
-    if clock.left() >= need:
-        return None
-    return f"skipped for the budget: {max(clock.left(), 0):.1f} s left, about {need:.1f} s needed"
+class _ClosingPace:
+    """Whether each closing part still fits: its cost in the slowest evaluation seen, with the
+    reserve's ``CLOSING_SPARE``, times how much slower than that estimate the parts already
+    done ran (a machine that turns busy after the last step makes every later part slower
+    too). On a steady machine nothing is skipped: the reserve kept the same spare for all."""
+
+    def __init__(self, clock: BudgetClock) -> None:
+        self.clock = clock
+        self.estimated = 0.0
+        self.took = 0.0
+        self._part: tuple[float, float] | None = None
+
+    def skip(self, evals: float) -> str | None:
+        """Why a part costing ``evals`` proxy evaluations must be skipped, or None (then it
+        starts now and :meth:`done` ends it)."""
+        clock = self.clock
+        slow = max(1.0, self.took / self.estimated) if self.estimated > 0 else 1.0
+        need = CLOSING_SPARE * evals * clock.max_eval_s * slow  # the reserve's spare, too
+        if clock.left() >= need:
+            self._part = (evals * clock.max_eval_s, clock.elapsed())
+            return None
+        left = max(clock.left(), 0.0)
+        return f"skipped for the budget: {left:.1f} s left, about {need:.1f} s needed"
+
+    def done(self) -> None:
+        if self._part is not None:
+            estimate, since = self._part
+            self.estimated += estimate
+            self.took += self.clock.elapsed() - since
+            self._part = None
 
 
 def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
@@ -204,32 +227,40 @@ def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
     training, and a machine that gets busier (a CI runner, another job) makes the closing
     slower than every evaluation measured before it. A skipped part keeps what the model had
     (the recipe's map blur, no prompt match, no normal statistics) and says so in its record,
-    so ``wall_time_s <= budget_s`` holds whatever the load. Returns the blur, match and
-    statistics records and what happened to the final evaluation.
+    so ``wall_time_s <= budget_s`` holds unless one part itself runs slower than the pace of
+    those before it. Returns the blur, match and statistics records and what happened to the
+    final evaluation.
     """
-    clock = run.clock
+    pace = _ClosingPace(run.clock)
     final = "done"
-    why = _skip(clock, 1 + (run.average is not None))
+    why = pace.skip(1 + (run.average is not None))
     if run.best_state is None or why is None:
         run.evaluate()  # the end of the budget is a candidate whenever it fits
+        pace.done()
     else:
         final = why
     assert run.best_state is not None
     tr.model.load_state_dict(run.best_state)
     tr.calibration = run.best_calibration
-    why = _skip(clock, len(BLUR_SIGMAS))
+    why = pace.skip(len(BLUR_SIGMAS))
     if why is None:
         blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
+        pace.done()
     else:
         blur = {"sigma": tr.model.cfg.map_blur_sigma, "why": why}
-    why = _skip(clock, match_evaluations())
-    # on held-out judge defects; inside the budget too
-    match = tr.choose_match() if why is None else {"weight": tr.model.cfg.match_weight, "why": why}
-    why = _skip(clock, run.stats_evaluations) or (
-        match.get("why") if "tried" not in match and tr.cfg.normal_stats else None
-    )
-    # one pass over the training images, then the judge (needs the match choice's map)
-    stats = tr.choose_stats() if why is None else {"weight": tr.model.cfg.stats_weight, "why": why}
+    why = pace.skip(match_evaluations())
+    if why is None:
+        match = tr.choose_match()  # on held-out judge defects; inside the budget too
+        pace.done()
+    else:
+        match = {"weight": tr.model.cfg.match_weight, "why": why}
+    if "tried" not in match and tr.cfg.normal_stats:  # the statistics start from its map
+        stats = {"weight": tr.model.cfg.stats_weight, "why": match.get("why")}
+    elif (why := pace.skip(run.stats_evaluations)) is None:
+        stats = tr.choose_stats()  # one pass over the training images, then the judge
+        pace.done()
+    else:
+        stats = {"weight": tr.model.cfg.stats_weight, "why": why}
     return blur, match, stats, final
 
 
