@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,8 @@ from lineguard.train.weight_average import WeightAverage
 
 if TYPE_CHECKING:
     from lineguard.train.trainer import Trainer
+
+T = TypeVar("T")
 
 
 def stats_evaluations(n_train: int, n_val: int) -> int:
@@ -189,35 +191,32 @@ class _Run:
 
 
 class _ClosingPace:
-    """Whether each closing part still fits: its cost in the slowest evaluation seen, with the
-    reserve's ``CLOSING_SPARE``, times how much slower than that estimate the parts already
-    done ran (a machine that turns busy after the last step makes every later part slower
-    too). On a steady machine nothing is skipped: the reserve kept the same spare for all."""
+    """Runs each closing part only if it still fits: its cost in the slowest evaluation seen,
+    with the reserve's ``CLOSING_SPARE``, times how much slower than that estimate the parts
+    already done ran (a machine that turns busy after the last step makes every later part
+    slower too). On a steady machine nothing is skipped: the reserve kept the same spare."""
 
     def __init__(self, clock: BudgetClock) -> None:
         self.clock = clock
         self.estimated = 0.0
         self.took = 0.0
-        self._part: tuple[float, float] | None = None
 
-    def skip(self, evals: float) -> str | None:
-        """Why a part costing ``evals`` proxy evaluations must be skipped, or None (then it
-        starts now and :meth:`done` ends it)."""
+    def part(
+        self, evals: float, work: Callable[[], T], skipped: Callable[[str], T], force: bool = False
+    ) -> T:
+        """``work()`` if a part costing ``evals`` proxy evaluations fits (or ``force``), else
+        ``skipped(why)``."""
         clock = self.clock
         slow = max(1.0, self.took / self.estimated) if self.estimated > 0 else 1.0
         need = CLOSING_SPARE * evals * clock.max_eval_s * slow  # the reserve's spare, too
-        if clock.left() >= need:
-            self._part = (evals * clock.max_eval_s, clock.elapsed())
-            return None
-        left = max(clock.left(), 0.0)
-        return f"skipped for the budget: {left:.1f} s left, about {need:.1f} s needed"
-
-    def done(self) -> None:
-        if self._part is not None:
-            estimate, since = self._part
-            self.estimated += estimate
-            self.took += self.clock.elapsed() - since
-            self._part = None
+        if clock.left() < need and not force:
+            left = max(clock.left(), 0.0)
+            return skipped(f"skipped for the budget: {left:.1f} s left, about {need:.1f} s needed")
+        estimate, since = evals * clock.max_eval_s, clock.elapsed()
+        out = work()
+        self.estimated += estimate
+        self.took += clock.elapsed() - since
+        return out
 
 
 def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
@@ -231,36 +230,34 @@ def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
     those before it. Returns the blur, match and statistics records and what happened to the
     final evaluation.
     """
-    pace = _ClosingPace(run.clock)
-    final = "done"
-    why = pace.skip(1 + (run.average is not None))
-    if run.best_state is None or why is None:
+    pace, cfg = _ClosingPace(run.clock), tr.model.cfg
+
+    def evaluate() -> str:
         run.evaluate()  # the end of the budget is a candidate whenever it fits
-        pace.done()
-    else:
-        final = why
+        return "done"
+
+    # with nothing evaluated yet, the end of the budget is the only candidate: forced
+    final = pace.part(
+        1 + (run.average is not None), evaluate, lambda why: why, force=run.best_state is None
+    )
     assert run.best_state is not None
     tr.model.load_state_dict(run.best_state)
     tr.calibration = run.best_calibration
-    why = pace.skip(len(BLUR_SIGMAS))
-    if why is None:
-        blur = tr.choose_map_blur()  # on validation, like the fusion scale; inside the budget
-        pace.done()
-    else:
-        blur = {"sigma": tr.model.cfg.map_blur_sigma, "why": why}
-    why = pace.skip(match_evaluations())
-    if why is None:
-        match = tr.choose_match()  # on held-out judge defects; inside the budget too
-        pace.done()
-    else:
-        match = {"weight": tr.model.cfg.match_weight, "why": why}
+    # on validation, like the fusion scale; then on held-out judge defects; inside the budget
+    blur = pace.part(
+        len(BLUR_SIGMAS),
+        tr.choose_map_blur,
+        lambda why: {"sigma": cfg.map_blur_sigma, "why": why},
+    )
+    match = pace.part(
+        match_evaluations(), tr.choose_match, lambda why: {"weight": cfg.match_weight, "why": why}
+    )
     if "tried" not in match and tr.cfg.normal_stats:  # the statistics start from its map
-        stats = {"weight": tr.model.cfg.stats_weight, "why": match.get("why")}
-    elif (why := pace.skip(run.stats_evaluations)) is None:
-        stats = tr.choose_stats()  # one pass over the training images, then the judge
-        pace.done()
-    else:
-        stats = {"weight": tr.model.cfg.stats_weight, "why": why}
+        return blur, match, {"weight": cfg.stats_weight, "why": match.get("why")}, final
+    # one pass over the training images, then the judge
+    stats = pace.part(
+        run.stats_evaluations, tr.choose_stats, lambda why: {"weight": cfg.stats_weight, "why": why}
+    )
     return blur, match, stats, final
 
 
