@@ -35,22 +35,13 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def stats_evaluations(n_train: int, n_val: int) -> int:
-    """The normal statistics' closing work in proxy evaluations: their fit, one backbone pass
-    over the ``n_train`` training images, against an evaluation's full pass over ``2·n_val``
-    images (counted as if the backbone were all of it: on mtd the fit took 8–10 s, 2–2.5
-    evaluations, where this counts 5), and their map of the judge set (1; its other maps come
-    from the match choice). Scaled by the data, not a constant: a 12-s run whose training set
-    was large beside its validation set overran with a constant 4."""
-    return math.ceil(n_train / max(2 * n_val, 1)) + 1
-
-
 def closing_evaluations(stats: int = 0) -> int:
     """The work after the last step, in proxy evaluations: the final proxy, one per map blur
     tried, then the prompt-match choice, which scores the judge set once per zoom (an upsampled
     backbone pass costs up to zoom² a plain one) and measures every share tried (the measuring
     is most of an evaluation where the validation set is large, e.g. tiles): the larger of the
-    two counts; then the normal statistics' ``stats`` (:func:`stats_evaluations`)."""
+    two counts; then the normal statistics' ``stats`` (their map of the judge set: 1; they are
+    fitted before the first step, :meth:`Trainer.fit_stats`)."""
     return 1 + len(BLUR_SIGMAS) + match_evaluations() + stats
 
 
@@ -116,10 +107,8 @@ class _Run:
 
     @staticmethod
     def _stats_evaluations(tr: Trainer) -> int:
-        n_val = len(tr.data.val_images)
-        if not tr.cfg.normal_stats or n_val == 0:
-            return 0
-        return stats_evaluations(len(tr.data.train_images), n_val)
+        """The statistics' share choice: one map of the judge set (fitted before training)."""
+        return int(tr.cfg.normal_stats and len(tr.data.val_images) > 0)
 
     def evaluate(self) -> None:
         """Proxy + calibration of the raw weights and, if on, of their running average;
@@ -254,7 +243,7 @@ def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
     )
     if "tried" not in match and tr.cfg.normal_stats:  # the statistics start from its map
         return blur, match, {"weight": cfg.stats_weight, "why": match.get("why")}, final
-    # one pass over the training images, then the judge
+    # their map of the judge set (fitted before the first step)
     stats = pace.part(
         run.stats_evaluations, tr.choose_stats, lambda why: {"weight": cfg.stats_weight, "why": why}
     )
@@ -270,6 +259,11 @@ def fit_budget(tr: Trainer) -> Path:
     clock = run.clock
     out_dir = Path(cfg.out_dir)
     loader, feats, images, step = tr._prepare()
+    if tr.dist.main:  # the frozen backbone's statistics: the same fit now as after the last step
+        with _all_cores(tr):
+            tr.fit_stats()
+    if tr.dist.world > 1:
+        dist.barrier()
     clock.begin_training()  # loading and caching took their share of the budget already
     bar = tqdm(
         total=round(clock.budget_s),

@@ -77,13 +77,21 @@ def fit(
     return mean.float().cpu(), precision.float()
 
 
-def fit_model(model, images: np.ndarray, device: torch.device | str) -> None:
-    """Fit ``model``'s normal statistics on the NORMAL ``images`` (the training split) and keep
-    them in it (:meth:`OneNIP.set_normal_stats`)."""
+def fit_backbone(
+    model, images: np.ndarray, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, precision) of ``model``'s frozen-backbone descriptors over the NORMAL ``images``
+    (the training split). The backbone never trains, so the fit is the same before the first
+    step as after the last one."""
     was_training = model.training
     model.eval()
     try:
-        mean, precision = fit(lambda x: descriptors(model.taps(x)), images, device)
+        return fit(lambda x: descriptors(model.taps(x)), images, device)
     finally:
         model.train(was_training)
-    model.set_normal_stats(mean, precision)
+
+
+def fit_model(model, images: np.ndarray, device: torch.device | str) -> None:
+    """Fit ``model``'s normal statistics on the NORMAL ``images`` (the training split) and keep
+    them in it (:meth:`OneNIP.set_normal_stats`)."""
+    model.set_normal_stats(*fit_backbone(model, images, device))
