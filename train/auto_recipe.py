@@ -40,7 +40,8 @@ from lineguard.train.train_config import DataConfig
 
 DEFAULT_BUDGET_S = 1800.0
 PEAK_LR = 4e-4
-LARGE_CPU_INPUT = 192  # CPU input where the median short side is at least this
+#: CPU inputs, largest first: the first whose size the median short side reaches (else 160)
+CPU_INPUTS = (224, 192)
 _SIZE_SAMPLE = 64  # images read (headers decoded) to estimate the typical size
 
 
@@ -107,7 +108,7 @@ def default_recipe(
     large = side >= 256
     # tiles: the model's input IS the tile (stations and `evaluate --tile-scale` cut at it)
     tile = side if tiles and side > 0 else None
-    cpu_input = tile or (LARGE_CPU_INPUT if side >= LARGE_CPU_INPUT else 160)
+    cpu_input = tile or next((s for s in CPU_INPUTS if side >= s), 160)
     if cuda:
         model = {
             "backbone": "tf_efficientnet_lite2",

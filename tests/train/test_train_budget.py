@@ -152,9 +152,10 @@ def test_default_recipe_follows_image_size_and_device(tmp_path) -> None:
     r_large, _ = default_recipe(large, cuda=False)
     r_gpu, _ = default_recipe(large, cuda=True)
     assert r_small["model"]["input_size"] == 160 and r_small["model"]["score_pool"] == 10
-    assert r_large["model"]["input_size"] == 192 and r_large["model"]["score_pool"] == 12
-    mid = DataConfig.model_validate(_folders(tmp_path / "mid", 3, 191))
-    assert default_recipe(mid, cuda=False)[0]["model"]["input_size"] == 160
+    assert r_large["model"]["input_size"] == 224 and r_large["model"]["score_pool"] == 14
+    for side, expected in ((223, 192), (192, 192), (191, 160)):
+        mid = DataConfig.model_validate(_folders(tmp_path / f"mid{side}", 3, side))
+        assert default_recipe(mid, cuda=False)[0]["model"]["input_size"] == expected, side
     assert r_small["model"]["backbone"] == "tf_efficientnet_lite0" and r_small["device"] == "cpu"
     assert r_gpu["model"]["backbone"] == "tf_efficientnet_lite2"
     assert r_gpu["model"]["input_size"] == 256 and r_gpu["model"]["num_encoder_layers"] == 4
