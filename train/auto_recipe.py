@@ -7,8 +7,9 @@ docs/training.md):
 
 * CPU: EfficientNet-Lite0, transformer D 128 with 2+2 layers and no dropout, batch 8
   per step, bf16 autocast where the CPU has native bf16; on 2 or more cores the step's batch is
-  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 192 px (score pool
-  12) where the median short side is 192 px or more, else 160 px (score pool 10). Within a fixed
+  split over 2 data-parallel processes of 4 (:func:`cpu_hardware`). Input 224 px (score pool
+  14) where the median short side is 224 px or more, 192 px (score pool 12) where it is 192 px
+  or more, else 160 px (score pool 10). Within a fixed
   budget, optimizer steps matter more than width: batch 16 did not beat batch 8, no dropout beat
   0.1, peak lr 4e-4 beat 1e-4 and 1.5e-3, and in 5 minutes 128 px beat 160 px
   (``benchmarks/results/recipe_search_mtd*``). In full 30-minute two-process runs the larger
@@ -18,10 +19,13 @@ docs/training.md):
   160 px 0.671 vs 0.652 (proxy 0.738 vs 0.751, judge 0.604 vs 0.553, 3 740 steps vs 5 253;
   ``benchmarks/results/input192_mtd``, registered before it ran); and, registered before it
   ran, on piped's 128-px patches upsampled to 160: 0.707 vs 0.703
-  (proxy 0.821 vs 0.800, judge 0.594 vs 0.605). More tokens (10x10 instead of 8x8) give finer
-  maps. Frames far larger, with small defects, are a case for tiling (the station's ``tiling``
-  setting), not for a larger square input; tiles cut by ``lineguard data tile`` are trained at
-  their own size on either device, because stations cut tiles at the model's input size.
+  (proxy 0.821 vs 0.800, judge 0.594 vs 0.605); then, registered before it ran, mtd at 224
+  over 192 px 0.6830 vs 0.6794 (proxy 0.745 vs 0.747, judge 0.621 vs 0.611, 4 179 steps vs
+  5 656; the 224-px run is ``benchmarks/results/train_mtd.json``). More tokens (10x10
+  instead of 8x8) give finer maps. Frames far larger, with small defects, are a case for
+  tiling (the station's ``tiling`` setting), not for a larger square input; tiles cut by
+  ``lineguard data tile`` are trained at their own size on either device, because stations
+  cut tiles at the model's input size.
 * GPU: EfficientNet-Lite2, the spec's D 256 with 4+4 layers, batch 16, bf16; input 224 px, or
   256 px when the median short side is 256 px or more.
 * Either device: a 30-minute budget, peak lr ``PEAK_LR`` with 5 % warm-up and cosine decay,

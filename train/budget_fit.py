@@ -242,7 +242,8 @@ def _close(tr: Trainer, run: _Run) -> tuple[dict, dict, dict, str]:
         match_evaluations(), tr.choose_match, lambda why: {"weight": cfg.match_weight, "why": why}
     )
     if "tried" not in match and tr.cfg.normal_stats:  # the statistics start from its map
-        return blur, match, {"weight": cfg.stats_weight, "why": match.get("why")}, final
+        why = f"skipped with the prompt match whose map it starts from ({match.get('why')})"
+        return blur, match, {"weight": cfg.stats_weight, "why": why}, final
     # their map of the judge set (fitted before the first step)
     stats = pace.part(
         run.stats_evaluations, tr.choose_stats, lambda why: {"weight": cfg.stats_weight, "why": why}
