@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +233,10 @@ class Trainer:
             images = torch.from_numpy(data.train_images).to(dev)
         step: nn.Module = TrainStep(self.model)
         if self.dist.world > 1:
+            # under CPU bf16 autocast the refiner's 1x64x1x1 head gets its gradient with
+            # channels-last strides: for that shape the same memory as the parameter's, so DDP's
+            # copy is 64 numbers, not worth the page of warning every run printed
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
             ids = [dev.index] if dev.type == "cuda" else None
             step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
         return loader, feats, images, step
