@@ -86,7 +86,8 @@ class _Run:
         self.average = (
             WeightAverage(tr.model, cfg.ema_decay) if cfg.ema_decay > 0 and tr.dist.main else None
         )
-        self.stats_evaluations = self._stats_evaluations(tr)
+        # the statistics' share choice: one map of the judge set (fitted before training)
+        self.stats_evaluations = int(tr.wants_stats)
         self.clock = BudgetClock(
             cfg.budget,
             cfg.warmup_fraction,
@@ -104,11 +105,6 @@ class _Run:
         self.epoch = 0
         self.loss = float("nan")
         self.load_start = round(os.getloadavg()[0], 2)
-
-    @staticmethod
-    def _stats_evaluations(tr: Trainer) -> int:
-        """The statistics' share choice: one map of the judge set (fitted before training)."""
-        return int(tr.cfg.normal_stats and len(tr.data.val_images) > 0)
 
     def evaluate(self) -> None:
         """Proxy + calibration of the raw weights and, if on, of their running average;

@@ -375,8 +375,8 @@ class Trainer:
         return info
 
     def choose_stats(self) -> dict:
-        """Fit the normal statistics on the training images, then pick their share on held-out
-        judge defects (after the prompt match) and recalibrate with it."""
+        """Pick the normal statistics' share on held-out judge defects (after the prompt match;
+        fitted here unless :meth:`fit_stats` ran already) and recalibrate with it."""
         if not self.cfg.normal_stats:
             return {"weight": 0.0, "why": "normal_stats is off in the recipe"}
         if len(self.data.val_images) == 0 or self._judge_map is None:
@@ -391,13 +391,18 @@ class Trainer:
         fit_s = round(self._stats_fit_s, 2)
         return {**info, "fit_s": fit_s, "images": len(self.data.train_images)}
 
+    @property
+    def wants_stats(self) -> bool:
+        """The recipe asks for the normal statistics and validation images can judge them."""
+        return self.cfg.normal_stats and len(self.data.val_images) > 0
+
     def fit_stats(self) -> None:
         """Fit the normal statistics on the training split and keep them aside for
         :meth:`choose_stats`. The backbone is frozen, so a budgeted run fits them before its
         first step: their cost is then measured, not guessed in the closing reserve (a guess
         that missed the fixed cost of inverting every position's covariance, ~4 s, and ran a
         12-s run over its budget on a loaded machine)."""
-        if not self.cfg.normal_stats or len(self.data.val_images) == 0:
+        if not self.wants_stats:
             return
         t0 = time.perf_counter()
         self._stats = normal_stats.fit_backbone(self.model, self.data.train_images, self.device)

@@ -233,7 +233,7 @@ def test_twenty_second_budget_stops_in_time_and_keeps_the_best_proxy(tmp_path) -
         assert match["zoom"] == ckpt["model_config"]["match_zoom"]
         assert ckpt["calibration"]["match_scale"] == pytest.approx(match["match_scale"])
     if ran["normal_stats"]:
-        # ... then the normal statistics, fitted after the last step, and their share likewise
+        # ... then the normal statistics (fitted before the first step), their share likewise
         stats = m["normal_stats"]
         tried = {float(w): v["val_proxy"] for w, v in stats["tried"].items()}
         assert stats["weight"] == max(tried, key=tried.get) == ckpt["model_config"]["stats_weight"]
